@@ -51,7 +51,9 @@ def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600) -> P
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_BASE_CORPUS, *(corpus or [])], trainer=trainer)
+    # Label words repeated so BPE merges each into one token, as in Qwen's real vocabulary.
+    labels = "\n".join(["yes", "no", "Yes", "No", "True", "False"] * 64)
+    tok.train_from_iterator([_BASE_CORPUS, labels, *(corpus or [])], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
