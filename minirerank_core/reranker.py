@@ -101,7 +101,8 @@ class MiniReranker:
         self.fingerprint = model_fingerprint(self.model)
         memory = MemoryStore(max_bytes=memory_cache_bytes)
         self.store: CacheStore = TieredStore(memory, DiskStore(cache_dir) if cache_dir is not None else None)
-        self._prefix_kv = prefix_kv(self.adapter, self._prefix_ids, self.config.exit_layer)
+        with torch.inference_mode():
+            self._prefix_kv = prefix_kv(self.adapter, self._prefix_ids, self.config.exit_layer)
         self._index_importance_by_hash: dict[str, torch.Tensor] = {}  # for index-time pruning at rerank time
 
     # --- loading ------------------------------------------------------------------------------------
@@ -218,11 +219,12 @@ class MiniReranker:
         bar = tqdm(total=len(missing), desc="prefill pages", unit="page", disable=not show_progress or not missing)
         for start in range(0, len(missing), bs):
             chunk = missing[start : start + bs]
-            kvs = prefill_pages(
-                self.adapter, self.processor.image_processor, self._prefix_ids,
-                [pages[i].image() for i in chunk], self.config.band,
-                index_importance=[imps[i] for i in chunk], index_keep_ratio=self.config.index_keep_ratio,
-            )
+            images = [pages[i].image() for i in chunk]
+            with torch.inference_mode():
+                kvs = prefill_pages(
+                    self.adapter, self.processor.image_processor, self._prefix_ids, images, self.config.band,
+                    index_importance=[imps[i] for i in chunk], index_keep_ratio=self.config.index_keep_ratio,
+                )
             for i, kv in zip(chunk, kvs):
                 kv = PageKV(kv.k.cpu(), kv.v.cpu(), kv.visual_index, kv.grid, kv.next_position, kv.band)
                 tensors, meta = kv.to_tensors()
@@ -254,7 +256,8 @@ class MiniReranker:
         scores = []
         bs = self.config.batch_size
         for s in range(0, len(kvs), bs):
-            scores.append(score_cached(self.adapter, self._prefix_kv, q_ids, kvs[s : s + bs], self.config, self.head, imps[s : s + bs]))
+            with torch.inference_mode():
+                scores.append(score_cached(self.adapter, self._prefix_kv, q_ids, kvs[s : s + bs], self.config, self.head, imps[s : s + bs]))
         return torch.cat(scores).tolist()
 
     def rerank(

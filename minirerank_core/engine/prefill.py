@@ -28,7 +28,6 @@ def text_positions(start: int | torch.Tensor, length: int, device=None) -> torch
     return (torch.arange(length, device=device) + start).expand(3, length)
 
 
-@torch.no_grad()
 def prefix_kv(adapter: FamilyAdapter, prefix: torch.Tensor, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """KV of the fixed prefix P in layers < n_layers: page-independent, computed once per model and template."""
     hidden = adapter.embed(prefix[None].to(adapter.device))
@@ -57,7 +56,6 @@ def select_top(importance: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return torch.topk(importance.float(), k, sorted=False).indices.sort().values
 
 
-@torch.no_grad()
 def prefill_pages(
     adapter: FamilyAdapter,
     image_processor,

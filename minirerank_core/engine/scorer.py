@@ -37,7 +37,6 @@ def query_offsets(kvs: list[PageKV], cfg: RerankConfig) -> list[int]:
     return [cfg.shared_offset] * len(kvs)
 
 
-@torch.no_grad()
 def score_cached(
     adapter: FamilyAdapter,
     prefix: list[tuple[torch.Tensor, torch.Tensor]],
