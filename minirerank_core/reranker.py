@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +55,26 @@ class RerankResult:
         return 1.0 / (1.0 + math.exp(-self.score))
 
 
+_NOT_MODEL_IDENTITY = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                       "_attn_implementation", "_attn_implementation_autoset", "use_cache", "return_dict", "output_attentions",
+                       "output_hidden_states"}
+
+
+def _canonical_config(d: Any) -> str:
+    """Config JSON without bookkeeping that save/load or dtype casts change (dtype is a separate cache setting)."""
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _NOT_MODEL_IDENTITY}
+        return x
+
+    return json.dumps(strip(d), sort_keys=True, default=str)
+
+
 def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 256) -> str:
     """Identifies config and weights without hashing gigabytes: every tensor's name, shape, dtype and an evenly
     strided sample of its values. A fine-tune saved over the same path changes it."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    h = hashlib.sha256(_canonical_config(model.config.to_dict()).encode())
     for name, t in model.state_dict().items():
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
@@ -63,6 +82,29 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 256) -> 
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(sample.tobytes())
     return h.hexdigest()
+
+
+def _default_reranker_dir() -> Path:
+    try:
+        from .defaults import DEFAULT_RERANKER_DIR
+    except ImportError:
+        DEFAULT_RERANKER_DIR = None
+    if DEFAULT_RERANKER_DIR is None or not Path(DEFAULT_RERANKER_DIR).exists():
+        raise ConfigError(
+            "no trained default model is installed with this package; pass a checkpoint path or hub id, "
+            "or use minirerank_core.testing.tiny_model_and_processor() for a random toy model"
+        )
+    return Path(DEFAULT_RERANKER_DIR)
+
+
+def _read_saved_settings(path: Path) -> dict:
+    f = path / "minirerank_config.json"
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {f}: {e}") from e
 
 
 class MiniReranker:
@@ -112,26 +154,43 @@ class MiniReranker:
         path_or_id: str | Path | None = None,
         config: RerankConfig | None = None,
         *,
-        template: PromptTemplate | str = DEFAULT_TEMPLATE,
+        template: PromptTemplate | str | None = None,
         local_files_only: bool | None = None,
         **kwargs,
     ) -> "MiniReranker":
-        """Load a Qwen3-VL / Qwen2-VL checkpoint by local path or hub id (a local path never touches the network)."""
+        """Load a Qwen3-VL / Qwen2-VL checkpoint by local path or hub id (a local path never touches the network).
+
+        With no path, the small default model shipped in the package. A checkpoint saved by `save_pretrained`
+        carries `minirerank_config.json` (the exit layer, band and positions it was trained with, and its
+        prompt); it is used unless `config` / `template` are given.
+        """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if path_or_id is None:
-            raise ConfigError(
-                "no trained default model ships with this version yet; pass a checkpoint path or hub id, "
-                "or use minirerank_core.testing.tiny_model_and_processor() for a random toy model"
-            )
-        config = config or RerankConfig()
+            path_or_id = _default_reranker_dir()
         local = Path(path_or_id).exists()
         offline = local if local_files_only is None else local_files_only
+        saved = _read_saved_settings(Path(path_or_id)) if local else {}
+        if config is None and "config" in saved:
+            config = RerankConfig.from_dict(saved["config"])
+        if template is None and "template" in saved:
+            template = PromptTemplate(**saved["template"])
+        config = config or RerankConfig()
         processor = AutoProcessor.from_pretrained(str(path_or_id), local_files_only=offline)
         model = AutoModelForImageTextToText.from_pretrained(
             str(path_or_id), dtype=config.torch_dtype, local_files_only=offline
         )
-        return cls(model, processor, config, template=template, **kwargs)
+        return cls(model, processor, config, template=template or DEFAULT_TEMPLATE, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Model, processor and `minirerank_config.json` (config + template), reloadable by from_pretrained."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        settings = {"config": self.config.to_dict(), "template": dataclasses.asdict(self.template)}
+        tmp = path / "minirerank_config.json.tmp"
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, path / "minirerank_config.json")
 
     def _set_max_visual_tokens(self, n: int) -> None:
         ip = self.processor.image_processor

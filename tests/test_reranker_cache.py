@@ -123,3 +123,15 @@ def test_concurrent_writers_of_the_same_entries_leave_valid_entries(tiny, page_i
     scores = r.score(QUERY, page_images)
     assert sum(count_prefills) == 0  # served from what the writers left
     assert scores == pytest.approx(r.dense_scores(QUERY, page_images), rel=1e-4)
+
+
+def test_save_and_from_pretrained_round_trip_offline(tiny, page_images, tmp_path):
+    model, proc = tiny("qwen2_vl")
+    cfg = RerankConfig(exit_layer=5, band=(1, 4), query_positions="shared")
+    r = MiniReranker(model, proc, cfg)
+    r.save_pretrained(tmp_path / "ckpt")
+    loaded = MiniReranker.from_pretrained(tmp_path / "ckpt")  # config and template come from the checkpoint
+    assert loaded.config == r.config
+    assert loaded.template == r.template
+    assert loaded.fingerprint == r.fingerprint
+    assert loaded.score(QUERY, page_images) == pytest.approx(r.score(QUERY, page_images), rel=1e-6)

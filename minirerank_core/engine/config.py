@@ -42,6 +42,17 @@ class RerankConfig:
         d["band"] = list(self.band) if self.band is not None else None
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RerankConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown RerankConfig fields {sorted(unknown)}")
+        d = dict(d)
+        if d.get("band") is not None:
+            d["band"] = tuple(d["band"])
+        return cls(**d)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
