@@ -195,9 +195,11 @@ class MiniReranker:
     def _set_max_visual_tokens(self, n: int) -> None:
         ip = self.processor.image_processor
         budget = PixelBudget.from_visual_tokens(n, patch_size=self.adapter.patch_size, merge_size=self.adapter.merge_size)
-        ip.max_pixels = budget.max_pixels
-        if isinstance(getattr(ip, "size", None), dict):
+        # transformers 5 keeps the budget in `size` (a SizeDict); older processors in max_pixels/min_pixels.
+        if getattr(ip, "size", None) is not None:
             ip.size["longest_edge"] = budget.max_pixels
+            ip.size["shortest_edge"] = min(budget.min_pixels, ip.size["shortest_edge"] or budget.min_pixels)
+        ip.max_pixels = budget.max_pixels
 
     # --- what the first stage needs to know -----------------------------------------------------------
     @property

@@ -161,3 +161,14 @@ def test_other_image_modes_are_scored_as_their_rgb_rendering(tiny, mode):
     got = r.score("q", [Page(_png_bytes(src) if mode != "CMYK" else src)])
     want = r.score("q", [Page(expected)])
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_max_visual_tokens_bounds_the_grid(tiny, page_images):
+    model, proc = tiny("qwen3_vl")
+    import copy
+
+    r = MiniReranker(model, copy.deepcopy(proc), max_visual_tokens=4)
+    h, w = r.visual_grid(page_images[0])
+    assert h * w <= 4 and r.max_visual_tokens == 4
+    kv = r.index([page_images[0]])[0]
+    assert kv.n_visual == h * w  # the processor really used the budget

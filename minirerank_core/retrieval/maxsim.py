@@ -1,0 +1,59 @@
+"""Exact late-interaction (MaxSim) scores over pages stored as one concatenated vector array.
+
+score(q, page) = sum over query tokens t of max over the page's vectors v of <q_t, v> -- the same quantity
+colpali-engine's ``score_multi_vector`` computes (there per padded batch, here over unpadded pages).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Rows of page vectors scored per matmul: bounds the (Tq, rows) similarity block to a few tens of MB.
+_CHUNK_ROWS = 1 << 17
+
+
+def maxsim_scores(query: np.ndarray, vectors: np.ndarray, offsets: np.ndarray, *, chunk_rows: int = _CHUNK_ROWS) -> np.ndarray:
+    """MaxSim score of ``query`` (Tq, D) against every page; page i owns ``vectors[offsets[i]:offsets[i+1]]``.
+
+    ``offsets`` is non-decreasing with ``offsets[0] == 0`` relative to ``vectors`` and no empty page. ``vectors``
+    may be a read-only memmap: it is read once, in chunks of whole pages.
+    """
+    n_pages = len(offsets) - 1
+    out = np.empty(n_pages, dtype=np.float32)
+    p = 0
+    while p < n_pages:
+        # Pages [p, q): as many whole pages as fit in chunk_rows, at least one.
+        q = int(np.searchsorted(offsets, offsets[p] + chunk_rows, side="right")) - 1
+        q = min(max(q, p + 1), n_pages)
+        lo, hi = int(offsets[p]), int(offsets[q])
+        sims = query @ np.asarray(vectors[lo:hi], dtype=np.float32).T  # (Tq, rows)
+        out[p:q] = np.maximum.reduceat(sims, offsets[p:q] - lo, axis=1).sum(axis=0)
+        p = q
+    return out
+
+
+def gather_pages(rows_of: np.ndarray, offsets: np.ndarray, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``pages`` (sorted page numbers) of a per-page concatenated array, with their own offsets."""
+    starts = offsets[pages]
+    lengths = offsets[pages + 1] - starts
+    sub_offsets = np.zeros(len(pages) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=sub_offsets[1:])
+    # Row r of the output comes from starts[page(r)] + (r - sub_offsets[page(r)]).
+    rows = np.repeat(starts - sub_offsets[:-1], lengths) + np.arange(sub_offsets[-1], dtype=np.int64)
+    return np.asarray(rows_of[rows]), sub_offsets
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, best first; ties keep the lower index first (deterministic)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k < len(scores):
+        part = np.argpartition(-scores, k - 1)[:k]
+        # argpartition is not stable: pull in every index tied with the k-th score before ordering.
+        kth = scores[part].min()
+        part = np.flatnonzero(scores >= kth)
+    else:
+        part = np.arange(len(scores))
+    order = np.lexsort((part, -scores[part]))
+    return part[order][:k]
