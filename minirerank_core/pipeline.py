@@ -133,7 +133,7 @@ class RerankPipeline:
         q = self.embedder.encode_query(query)
         hits = self.index.search(q, k, **search_kwargs)
         if not rerank:
-            return [self._result(h, h.score, h.rank, None) for h in hits[:top_n]]
+            return [self._result(h, h.score, h.rank, self._page(h)) for h in hits[:top_n]]
         pages = [self._page(h) for h in hits]
         grids = [self._grid(p) for p in pages]
         embeddings = [self.index.embedding(h.page_id) for h in hits]

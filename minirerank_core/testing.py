@@ -196,3 +196,16 @@ def random_page_image(width: int, height: int, seed: int = 0):
     blocks = rng.integers(0, 256, size=(max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
     img = Image.fromarray(blocks).resize((width, height), Image.NEAREST)
     return img
+
+
+def tiny_embedder(family: Family = "qwen3_vl", tokenizer=None, *, seed: int = 0, max_pixels: int = 64 * 64 * 4, **config_kwargs):
+    """A random ColQwen3 / ColQwen2 (colpali-engine) with its processor, sharing the tiny reranker's vision config."""
+    from colpali_engine.models import ColQwen2, ColQwen2Processor, ColQwen3, ColQwen3Processor
+
+    tokenizer = tokenizer or build_tokenizer()
+    hf = build_processor(family, tokenizer, max_pixels=max_pixels)
+    model_cls, proc_cls = (ColQwen3, ColQwen3Processor) if family == "qwen3_vl" else (ColQwen2, ColQwen2Processor)
+    torch.manual_seed(seed)
+    model = model_cls(tiny_config(family, tokenizer, **config_kwargs)).eval()
+    processor = proc_cls(image_processor=hf.image_processor, tokenizer=hf.tokenizer, video_processor=hf.video_processor)
+    return model, processor
