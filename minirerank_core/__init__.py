@@ -18,12 +18,13 @@ from .errors import (
     UnsupportedModelError,
 )
 from .pages import Page, PixelBudget
+from .listwise import ListwiseConfig, ListwiseReranker
 from .reranker import MiniReranker, RerankResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TEMPLATE", "MONOQWEN_TEMPLATE", "ConfigError", "DuplicatePageIdError", "EmptyCandidatesError",
-    "ImageTooLargeError", "InvalidImageError", "InvalidQueryError", "MLPHead", "MiniRerankError", "MiniReranker",
+    "ImageTooLargeError", "InvalidImageError", "InvalidQueryError", "ListwiseConfig", "ListwiseReranker", "MLPHead", "MiniRerankError", "MiniReranker",
     "Page", "PixelBudget", "PromptTemplate", "RerankConfig", "RerankResult", "UnsupportedModelError", "YesNoHead",
 ]

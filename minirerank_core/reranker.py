@@ -84,6 +84,30 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 256) -> 
     return h.hexdigest()
 
 
+def check_query(query: str) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidQueryError(f"query must be a non-empty string, got {query!r}")
+    return query
+
+
+def check_top_n(top_n: int | None) -> None:
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise ConfigError(f"top_n must be a positive int or None, got {top_n!r}")
+
+
+def importance_list(pages: list[Page], importance: Importance) -> list[torch.Tensor | None]:
+    """One flat float32 map (or None) per page, from a sequence aligned with `pages` or a mapping by page id."""
+    if importance is None:
+        return [None] * len(pages)
+    if isinstance(importance, Mapping):
+        seq = [importance.get(p.id) for p in pages]
+    else:
+        seq = list(importance)
+        if len(seq) != len(pages):
+            raise ValueError(f"importance has {len(seq)} entries for {len(pages)} pages")
+    return [None if x is None else torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1) for x in seq]
+
+
 def _default_reranker_dir() -> Path:
     try:
         from .defaults import DEFAULT_RERANKER_DIR
@@ -144,7 +168,7 @@ class MiniReranker:
         memory = MemoryStore(max_bytes=memory_cache_bytes)
         self.store: CacheStore = TieredStore(memory, DiskStore(cache_dir) if cache_dir is not None else None)
         with torch.inference_mode():
-            self._prefix_kv = prefix_kv(self.adapter, self._prefix_ids, self.config.exit_layer)
+            self.prefix_cache = prefix_kv(self.adapter, self._prefix_ids, self.config.exit_layer)
         self._index_importance_by_hash: dict[str, torch.Tensor] = {}  # for index-time pruning at rerank time
 
     # --- loading ------------------------------------------------------------------------------------
@@ -253,7 +277,7 @@ class MiniReranker:
         """Compute (or load) each page's cached KV. `importance` (query-independent, on each page's grid) is
         needed when config.index_keep_ratio < 1."""
         pages = as_pages(pages)
-        imps = self._importance_list(pages, importance)
+        imps = importance_list(pages, importance)
         if self.config.index_keep_ratio < 1.0:
             imps = [self._index_importance_by_hash.get(p.content_hash) if i is None else i for p, i in zip(pages, imps)]
             missing_imp = [p.id for p, i in zip(pages, imps) if i is None]
@@ -298,11 +322,11 @@ class MiniReranker:
     # --- scoring --------------------------------------------------------------------------------------
     def score(self, query: str, pages: Sequence[PageInput], importance: Importance = None) -> list[float]:
         """Relevance scores aligned with `pages` (logit(yes) − logit(no) for the default head)."""
-        query = self._check_query(query)
+        query = check_query(query)
         pages = as_pages(pages)
         if not pages:
             raise EmptyCandidatesError("rerank() needs at least one candidate page")
-        imps = self._importance_list(pages, importance)
+        imps = importance_list(pages, importance)
         if self.config.keep_ratio < 1.0 and any(i is None for i in imps):
             raise ConfigError(
                 "keep_ratio < 1 prunes with the first stage's importance maps: pass importance=... for every page "
@@ -318,15 +342,14 @@ class MiniReranker:
         bs = self.config.batch_size
         for s in range(0, len(kvs), bs):
             with torch.inference_mode():
-                scores.append(score_cached(self.adapter, self._prefix_kv, q_ids, kvs[s : s + bs], self.config, self.head, imps[s : s + bs]))
+                scores.append(score_cached(self.adapter, self.prefix_cache, q_ids, kvs[s : s + bs], self.config, self.head, imps[s : s + bs]))
         return torch.cat(scores).tolist()
 
     def rerank(
         self, query: str, pages: Sequence[PageInput], top_n: int | None = None, importance: Importance = None
     ) -> list[RerankResult]:
         """Pages sorted by relevance (best first), at most `top_n` of them."""
-        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
-            raise ConfigError(f"top_n must be a positive int or None, got {top_n!r}")
+        check_top_n(top_n)
         pages = as_pages(pages)
         scores = self.score(query, pages, importance)
         order = sorted(range(len(pages)), key=lambda i: -scores[i])[:top_n]
@@ -334,26 +357,9 @@ class MiniReranker:
 
     def dense_scores(self, query: str, pages: Sequence[PageInput], batch_size: int = 4) -> list[float]:
         """The baseline: a plain HF forward of P ⊕ V ⊕ Q per pair, no cache, no sparsity."""
-        query = self._check_query(query)
+        query = check_query(query)
         pages = as_pages(pages)
         imgs = [p.image() for p in pages]
         return dense_scores(self.model, self.processor, self.template, self.head, query, imgs, batch_size).tolist()
 
     # --- helpers --------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_query(query: str) -> str:
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidQueryError(f"query must be a non-empty string, got {query!r}")
-        return query
-
-    @staticmethod
-    def _importance_list(pages: list[Page], importance: Importance) -> list[torch.Tensor | None]:
-        if importance is None:
-            return [None] * len(pages)
-        if isinstance(importance, Mapping):
-            seq = [importance.get(p.id) for p in pages]
-        else:
-            seq = list(importance)
-            if len(seq) != len(pages):
-                raise ValueError(f"importance has {len(seq)} entries for {len(pages)} pages")
-        return [None if x is None else torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1) for x in seq]

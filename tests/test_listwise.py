@@ -330,7 +330,7 @@ def test_cached_label_binding_sees_only_its_own_page(tiny, images):
         for imgs in (images[:3], [images[0], T.random_page_image(120, 260, seed=99), images[2]]):
             kvs = r.index(pages_of(imgs))
             with torch.no_grad():
-                cached_logits(r.adapter, r.core._prefix_kv, [CachedWindow(q, kvs, [torch.arange(kv.k.shape[2]) for kv in kvs])],
+                cached_logits(r.adapter, r.core.prefix_cache, [CachedWindow(q, kvs, [torch.arange(kv.k.shape[2]) for kv in kvs])],
                               5, (1, 4), r.head)
     finally:
         hook.remove()

@@ -68,6 +68,25 @@ class PastKV:
         return key, value
 
 
+def prefix_past(
+    prefix: list[tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    layers: range,
+    band: tuple[int, int] | None = None,
+    band_k: torch.Tensor | None = None,
+    band_v: torch.Tensor | None = None,
+) -> PastKV:
+    """Past KV for n query rows: the shared prefix P in every layer of `layers`, followed inside `band` by each
+    row's own gathered page rows (band_k/band_v: (n_band_layers, n, kv_heads, T, head_dim))."""
+    past = {}
+    for l in layers:
+        pk, pv = (x.expand(n, -1, -1, -1) for x in prefix[l])
+        if band is not None and band[0] <= l < band[1]:
+            pk, pv = torch.cat([pk, band_k[l - band[0]]], 2), torch.cat([pv, band_v[l - band[0]]], 2)
+        past[l] = (pk, pv)
+    return PastKV(past)
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool (B, q, k) 'may attend' → additive float (B, 1, q, k) mask that both eager and sdpa attention accept."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -14,7 +14,7 @@ import torch
 
 from .config import RerankConfig
 from .families import FamilyAdapter
-from .kv import PageKV, PastKV, additive_mask, causal, run_layers
+from .kv import PageKV, additive_mask, causal, prefix_past, run_layers
 from .prefill import select_top, text_positions
 
 
@@ -59,17 +59,6 @@ def score_cached(
         pos = offsets[None, :, None] + text_positions(0, Tq, device)[:, None, :]  # (3, n, Tq)
         return adapter.rotary(q_embed, pos)
 
-    def prefix_past(n: int, layers: range, extra: dict | None = None) -> PastKV:
-        past = {}
-        for l in layers:
-            pk, pv = prefix[l]
-            pk, pv = pk.expand(n, -1, -1, -1), pv.expand(n, -1, -1, -1)
-            if extra and l in extra:
-                ek, ev = extra[l]
-                pk, pv = torch.cat([pk, ek], 2), torch.cat([pv, ev], 2)
-            past[l] = (pk, pv)
-        return PastKV(past)
-
     offsets = torch.tensor(query_offsets(kvs, cfg), device=device)
 
     # Layers < b0: the page is invisible, so only the offset matters: one row per distinct offset.
@@ -78,7 +67,7 @@ def score_cached(
     if b0 > 0:
         allowed = torch.cat([torch.ones(Tq, P, dtype=torch.bool, device=device), q_causal], 1)
         mask = additive_mask(allowed[None].expand(len(uniq), -1, -1), dtype)
-        hidden = run_layers(adapter, hidden, layer_inputs(uniq), mask, range(b0), prefix_past(len(uniq), range(b0)))
+        hidden = run_layers(adapter, hidden, layer_inputs(uniq), mask, range(b0), prefix_past(prefix, len(uniq), range(b0)))
     hidden = hidden[inverse]  # (B, Tq, H)
 
     # Band layers: gather each candidate's kept rows into one padded tensor per layer.
@@ -93,14 +82,13 @@ def score_cached(
         band_k[:, i, :, :n] = kv.k[:, :, r].to(device, dtype)
         band_v[:, i, :, :n] = kv.v[:, :, r].to(device, dtype)
         valid[i, :n] = True
-    band_past = {l: (band_k[l - b0], band_v[l - b0]) for l in range(b0, b1)}
 
     p_cols = torch.ones(B, Tq, P, dtype=torch.bool, device=device)
     q_cols = q_causal[None].expand(B, -1, -1)
     mask_out = additive_mask(torch.cat([p_cols, q_cols], 2), dtype)
     mask_in = additive_mask(torch.cat([p_cols, valid[:, None, :].expand(-1, Tq, -1), q_cols], 2), dtype)
     cos_sin = layer_inputs(offsets)
-    past = prefix_past(B, range(b0, E), band_past)
+    past = prefix_past(prefix, B, range(b0, E), cfg.band, band_k, band_v)
     for l in range(b0, E):
         hidden = run_layers(adapter, hidden, cos_sin, mask_in if b0 <= l < b1 else mask_out, range(l, l + 1), past)
     return head(adapter.norm(hidden[:, -1]))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.families import FamilyAdapter
-from ..engine.kv import PageKV, PastKV, additive_mask, causal, run_layers
+from ..engine.kv import PageKV, additive_mask, causal, prefix_past, run_layers
 from ..engine.prefill import text_positions
 from .prompt import CachedQuery, LabelHead
 
@@ -64,7 +64,7 @@ def cached_logits(
 ) -> torch.Tensor:
     """Label logits (B, n_labels) of each window. Windows are batched: Q left-padded, page rows right-padded."""
     device, dtype = adapter.device, adapter.dtype
-    b0, b1 = band
+
     B, P = len(windows), prefix[0][0].shape[2]
     Tq = max(len(w.query.ids) for w in windows)
     K = max(sum(len(r) for r in w.rows) for w in windows)
@@ -94,15 +94,9 @@ def cached_logits(
     mask_in = additive_mask(torch.cat([see_p, see_v, see_q], 2), dtype)
     mask_out = additive_mask(torch.cat([see_p, see_q], 2), dtype)
 
-    past = {}
-    for l in range(exit_layer):
-        pk, pv = (x.expand(B, -1, -1, -1) for x in prefix[l])
-        if b0 <= l < b1:
-            pk, pv = torch.cat([pk, band_k[l - b0]], 2), torch.cat([pv, band_v[l - b0]], 2)
-        past[l] = (pk, pv)
-    cache = PastKV(past)
+    cache = prefix_past(prefix, B, range(exit_layer), band, band_k, band_v)
     hidden = adapter.embed(ids)
     cos_sin = adapter.rotary(hidden, positions)
     for l in range(exit_layer):
-        hidden = run_layers(adapter, hidden, cos_sin, mask_in if b0 <= l < b1 else mask_out, range(l, l + 1), cache)
+        hidden = run_layers(adapter, hidden, cos_sin, mask_in if band[0] <= l < band[1] else mask_out, range(l, l + 1), cache)
     return head(adapter.norm(hidden[:, -1]))

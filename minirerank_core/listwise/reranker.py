@@ -19,7 +19,7 @@ from ..engine.prompt import PromptTemplate
 from ..engine.scorer import kept_rows
 from ..errors import ConfigError, EmptyCandidatesError
 from ..pages import Page, as_pages
-from ..reranker import Importance, MiniReranker, PageInput, RerankResult
+from ..reranker import Importance, MiniReranker, PageInput, RerankResult, check_query, check_top_n, importance_list
 from .cached import CachedWindow, cached_logits
 from .config import ListwiseConfig
 from .prompt import DEFAULT_LISTWISE_TEMPLATE, LabelHead, ListwiseTemplate, cached_query, single_pass_prompt, single_token_ids
@@ -91,8 +91,7 @@ class ListwiseReranker:
     def rerank_batch(self, queries: Sequence[str], candidates: Sequence[Sequence[PageInput]], top_n: int | None = None,
                      importance: Sequence[Importance] | None = None) -> list[list[RerankResult]]:
         """Several queries at once: their windows of the same sliding step run together (window_batch per forward)."""
-        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
-            raise ConfigError(f"top_n must be a positive int or None, got {top_n!r}")
+        check_top_n(top_n)
         out = []
         for pages, ranking in self._rank(queries, candidates, importance):
             out.append([RerankResult(pages[i].id, ranking.scores[i], r + 1, i, pages[i])
@@ -120,11 +119,11 @@ class ListwiseReranker:
         importance = [None] * len(queries) if importance is None else list(importance)
         lists = []
         for query, pages, imp in zip(queries, candidates, importance):
-            query = MiniReranker._check_query(query)
+            query = check_query(query)
             pages = as_pages(pages)
             if not pages:
                 raise EmptyCandidatesError("rerank() needs at least one candidate page")
-            lists.append(_Candidates(query, pages, MiniReranker._importance_list(pages, imp)))
+            lists.append(_Candidates(query, pages, importance_list(pages, imp)))
         with torch.inference_mode():
             for c in lists:
                 self._prepare(c)
@@ -156,7 +155,7 @@ class ListwiseReranker:
         if cfg.mode == "cached":
             batch = [CachedWindow(cached_query(self.tokenizer, self.template, c.query, cfg.labels[: len(w.items)], self.answer_id),
                                   [c.kvs[i] for i in w.items], [c.rows[i] for i in w.items]) for c, w in zip(lists, windows)]
-            return cached_logits(a, self.core._prefix_kv, batch, cfg.exit_layer, cfg.band, self.head)
+            return cached_logits(a, self.core.prefix_cache, batch, cfg.exit_layer, cfg.band, self.head)
         seqs = []
         for c, w in zip(lists, windows):
             items = list(w.items)
