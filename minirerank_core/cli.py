@@ -118,23 +118,35 @@ def load_reranker(args: argparse.Namespace):
 
 
 def _saved_config(model: str | None):
-    """The settings a checkpoint was saved with (its minirerank_config.json), so CLI overrides change only
-    what they name."""
+    """The settings a checkpoint was saved / trained with (its minirerank_config.json), so CLI overrides change
+    only what they name. Reads both layouts: {"config": ...} (MiniReranker.save_pretrained) and
+    {"format": "minirerank-config/1", "rerank_config": ...} (the trained defaults)."""
     from .engine.config import RerankConfig
 
-    path = model
-    if path is None:
-        try:
-            from .defaults import DEFAULT_RERANKER_DIR as path  # type: ignore[no-redef]
-        except ImportError:
-            return None
+    path = model if model is not None else _default_dir("DEFAULT_RERANKER_DIR")
     if path is None:
         return None
     f = Path(path) / "minirerank_config.json"
     if not f.is_file():
         return None
-    saved = json.loads(f.read_text())
-    return RerankConfig.from_dict(saved["config"]) if "config" in saved else None
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"cannot read {f}: {exc}") from exc
+    fields = saved.get("config") or saved.get("rerank_config")
+    if not isinstance(fields, dict):
+        return None
+    return RerankConfig.from_dict({k: v for k, v in fields.items() if k in RerankConfig.__dataclass_fields__})
+
+
+def _default_dir(name: str) -> str | None:
+    """A shipped default model directory from minirerank_core.defaults, when it is installed."""
+    try:
+        from . import defaults
+    except ImportError:
+        return None
+    path = getattr(defaults, name, None)
+    return str(path) if path is not None and Path(path).exists() else None
 
 
 def _ingest(paths: Sequence[str], args: argparse.Namespace, image_dir: str | None = None):
@@ -367,11 +379,7 @@ def _workspace(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
 
 def _default_embedder() -> str | None:
-    try:
-        from .defaults import DEFAULT_EMBEDDER_DIR  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return None if DEFAULT_EMBEDDER_DIR is None else str(DEFAULT_EMBEDDER_DIR)
+    return _default_dir("DEFAULT_EMBEDDER_DIR")
 
 
 def _abs(path: str | None) -> str | None:

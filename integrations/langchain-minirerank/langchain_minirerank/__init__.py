@@ -1,0 +1,8 @@
+"""LangChain integration of minirerank: a document compressor (reranker) for page-image documents and a
+retriever over a RerankPipeline's first-stage page index."""
+
+from langchain_minirerank._runner import IMPORTANCE_KEY, MissingImageWarning
+from langchain_minirerank.compressor import MiniRerank, document_page
+from langchain_minirerank.retriever import MiniRerankRetriever
+
+__all__ = ["IMPORTANCE_KEY", "MiniRerank", "MiniRerankRetriever", "MissingImageWarning", "document_page"]
