@@ -7,6 +7,7 @@ runs the same pipeline on tiny random models and says so (their rankings are mea
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def run_demo(json_output: bool = False, k: int = 8, top_n: int = 3) -> int:
     loaded = _trained()
     trained = loaded is not None
     if not trained:
-        print(RANDOM_BANNER)
+        print(RANDOM_BANNER, file=sys.stderr)
         loaded = _random()
     reranker, embedder, pages, queries = loaded
     report = {"trained_models": trained, "n_pages": len(pages), "config": reranker.config.to_dict(), "queries": []}

@@ -114,7 +114,7 @@ class RerankPipeline:
         self._pages.update((p.id, p) for p in new)
         importance = None
         if self._index_keep_ratio() < 1.0:  # index-time pruning needs a query-independent map per page
-            importance = [page_importance(e, self._grid(p)) for e, p in zip(embeddings, new)]
+            importance = [page_importance(e, self.grid(p)) for e, p in zip(embeddings, new)]
         self.reranker.index(new, importance=importance, show_progress=self.show_progress)
         return report
 
@@ -133,9 +133,9 @@ class RerankPipeline:
         q = self.embedder.encode_query(query)
         hits = self.index.search(q, k, **search_kwargs)
         if not rerank:
-            return [self._result(h, h.score, h.rank, self._page(h)) for h in hits[:top_n]]
-        pages = [self._page(h) for h in hits]
-        grids = [self._grid(p) for p in pages]
+            return [self._result(h, h.score, h.rank, self.page(h)) for h in hits[:top_n]]
+        pages = [self.page(h) for h in hits]
+        grids = [self.grid(p) for p in pages]
         embeddings = [self.index.embedding(h.page_id) for h in hits]
         if self._index_keep_ratio() < 1.0:  # a fresh reranker must learn each page's index-time map again
             self.reranker.index(pages, importance=[page_importance(e, g) for e, g in zip(embeddings, grids)])
@@ -155,13 +155,13 @@ class RerankPipeline:
     def _result(self, hit: SearchHit, score: float, rank: int, page: Page | None) -> PipelineResult:
         return PipelineResult(hit.page_id, float(score), rank, hit.score, hit.rank, hit.metadata, page)
 
-    def _page(self, hit: SearchHit) -> Page:
+    def page(self, hit: SearchHit) -> Page:
         page = self._pages.get(hit.page_id)
         if page is None:
             page = self._pages[hit.page_id] = reload_page(hit.page_id, hit.metadata)
         return page
 
-    def _grid(self, page: Page) -> tuple[int, int]:
+    def grid(self, page: Page) -> tuple[int, int]:
         grid = self._grids.get(page.id)
         if grid is None:
             grid = self._grids[page.id] = tuple(self.reranker.visual_grid(page))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import filecmp
 import threading
 from pathlib import Path
 
@@ -60,13 +59,6 @@ def docs(files):
 
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
-
-
-def test_runner_copies_are_identical():
-    """The shared plumbing is vendored into both distributions; they must not drift apart."""
-    a = ROOT / "integrations/llama-index-postprocessor-minirerank/llama_index/postprocessor/minirerank/_runner.py"
-    b = ROOT / "integrations/langchain-minirerank/langchain_minirerank/_runner.py"
-    assert filecmp.cmp(a, b, shallow=False)
 
 
 def test_compress_like_the_core(reranker, files, expected):

@@ -97,7 +97,7 @@ def test_documents_are_the_first_stage_hits(pipe):
         assert d.metadata["retrieval_score"] == pytest.approx(h.score) and d.metadata["retrieval_rank"] == h.rank
         assert d.metadata["image_path"]  # page_dir: every page has a file, referenced by path
         assert "image" not in d.metadata
-        page = pipe._page(h)
+        page = pipe.page(h)
         want = query_importance(q, pipe.index.embedding(h.page_id), pipe.reranker.visual_grid(page))
         assert d.metadata[IMPORTANCE_KEY] == pytest.approx(want.tolist())
         assert "page" in d.page_content or d.page_content.endswith(".png")

@@ -74,7 +74,7 @@ def test_nodes_are_the_first_stage_hits(pipe):
         assert node.metadata["retrieval_rank"] == h.rank and node.metadata["page_id"] == h.page_id
         for key, value in h.metadata.items():
             assert node.metadata[key] == value
-        page = pipe._page(h)
+        page = pipe.page(h)
         if page.source:  # image files: referenced by path
             assert node.image_path == page.source and node.image is None
         else:  # PDF pages kept in memory: base64 PNG of the same pixels

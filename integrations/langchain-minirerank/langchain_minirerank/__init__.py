@@ -1,7 +1,7 @@
 """LangChain integration of minirerank: a document compressor (reranker) for page-image documents and a
 retriever over a RerankPipeline's first-stage page index."""
 
-from langchain_minirerank._runner import IMPORTANCE_KEY, MissingImageWarning
+from minirerank_core.integration import IMPORTANCE_KEY, MissingImageWarning
 from langchain_minirerank.compressor import MiniRerank, document_page
 from langchain_minirerank.retriever import MiniRerankRetriever
 

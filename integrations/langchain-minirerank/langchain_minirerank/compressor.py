@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from minirerank_core import InvalidQueryError, Page
 
-from ._runner import (
+from minirerank_core.integration import (
     IMPORTANCE_KEY,
     NoImage,
     Scorer,

@@ -10,7 +10,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from ._runner import IMPORTANCE_KEY, Base64Cache, Candidate, afirst_stage, check_k, check_pipeline, first_stage, page_label
+from minirerank_core.integration import IMPORTANCE_KEY, Base64Cache, Candidate, afirst_stage, check_k, check_pipeline, first_stage, page_label
 
 
 class MiniRerankRetriever(BaseRetriever):

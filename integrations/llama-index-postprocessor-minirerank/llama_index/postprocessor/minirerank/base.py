@@ -14,7 +14,7 @@ from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
 from minirerank_core import InvalidQueryError, Page
 
-from ._runner import (
+from minirerank_core.integration import (
     IMPORTANCE_KEY,
     NoImage,
     Scorer,

@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle
-from llama_index.postprocessor.minirerank._runner import (
+from minirerank_core.integration import (
     IMPORTANCE_KEY,
     Base64Cache,
     Candidate,

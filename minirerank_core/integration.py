@@ -1,8 +1,5 @@
-"""Framework-independent plumbing shared by the minirerank integrations.
-
-This file is kept identical in llama-index-postprocessor-minirerank (also used by
-llama-index-retrievers-minirerank) and langchain-minirerank (a test in the minirerank repository checks it),
-so the LlamaIndex and LangChain distributions install independently of each other.
+"""Framework-independent plumbing shared by the LlamaIndex and LangChain integrations (both depend on the core,
+so this one copy serves both without either framework depending on the other).
 
 What lives here: building a reranker from an instance or a model path (point-wise MiniReranker or listwise
 ListwiseReranker), scoring candidates in batches, the async path, reading an image reference (path,
@@ -394,9 +391,9 @@ def search_first_stage(pipeline: Any, query: str, k: int, with_importance: bool 
     hits = pipeline.index.search(q, k)
     # the pipeline's own page / grid caches: pages added in this process (even from bytes) are found there,
     # others are reloaded from the index metadata (image file, or the PDF page rendered again)
-    pages = [pipeline._page(h) for h in hits]
+    pages = [pipeline.page(h) for h in hits]
     need_maps = with_importance or _index_keep_ratio(pipeline.reranker) < 1.0
-    grids = [pipeline._grid(p) for p in pages] if need_maps else []
+    grids = [pipeline.grid(p) for p in pages] if need_maps else []
     embeddings = [pipeline.index.embedding(h.page_id) for h in hits] if need_maps else []
     maps = query_importances(q, embeddings, grids) if with_importance else [None] * len(hits)
     index_maps: list[Any] = []
