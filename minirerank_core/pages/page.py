@@ -53,7 +53,7 @@ def _b64decode(text: str) -> bytes:
         raise InvalidImageError(f"<base64 string, {len(text)} chars>: not valid base64 ({exc})") from exc
 
 
-def _looks_like_base64_image(text: str) -> bool:
+def looks_like_base64_image(text: str) -> bool:
     compact = "".join(text.split())
     if len(compact) < 16 or not _B64_CHARS.fullmatch(compact):
         return False
@@ -122,7 +122,7 @@ class Page:
             data = bytes(image)
         elif isinstance(image, str) and _is_data_url(image):
             data = _decode_data_url(image)
-        elif isinstance(image, str) and not os.path.exists(image) and _looks_like_base64_image(image):
+        elif isinstance(image, str) and not os.path.exists(image) and looks_like_base64_image(image):
             data = _b64decode(image)
         elif isinstance(image, (str, os.PathLike)):
             path = _fspath(image)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
-import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -14,6 +11,7 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from minirerank_core import InvalidQueryError, Page
+from minirerank_core.pages.page import looks_like_base64_image
 
 from minirerank_core.integration import (
     IMPORTANCE_KEY,
@@ -34,21 +32,6 @@ from minirerank_core.integration import (
     page_from_path,
 )
 
-_B64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
-
-
-def _is_base64_image(text: str) -> bool:
-    """Whether ``text`` is base64 whose first bytes are an image file's magic number (not just any text)."""
-    head = "".join(text[:64].split())[:24]
-    if len(head) < 16 or not _B64.fullmatch(head):
-        return False
-    try:
-        raw = base64.b64decode(head.translate(str.maketrans("-_", "+/")) + "=" * (-len(head) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return raw.startswith(_MAGIC) or (raw.startswith(b"RIFF") and raw[8:12] == b"WEBP")
-
 
 def document_page(doc: Document, page_id: str) -> Page:
     """The page image of a document, from (in this order) ``metadata["image_path"]``, base64 or data-URL
@@ -60,7 +43,7 @@ def document_page(doc: Document, page_id: str) -> Page:
     content = doc.page_content or ""
     if content[:11].lower().startswith("data:image/"):
         return page_from_base64(content, page_id=page_id, where="page_content (data URL)")
-    if _is_base64_image(content):
+    if looks_like_base64_image(content):
         return page_from_base64(content, page_id=page_id, where="page_content (base64)")
     if isinstance(md.get("image"), (str, bytes)) and md["image"]:
         return page_from_base64(md["image"], page_id=page_id, where="metadata['image'] (base64)")
