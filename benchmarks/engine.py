@@ -134,7 +134,8 @@ def main(argv=None):
         rows.append((name, secs, f"cache {kv.nbytes / 1e6:.1f} MB/page, rows {kv.k.shape[2]}, prefill {prefill_s / len(images):.2f} s/page"))
 
     q_tokens = len(tokenizer(dense_r.template.query.format(query=query), add_special_tokens=False)["input_ids"])
-    full_cache = args.layers * 2 * model.config.text_config.num_key_value_heads * model.config.text_config.head_dim * (n_vis + 2) * 2
+    elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    full_cache = args.layers * 2 * model.config.text_config.num_key_value_heads * model.config.text_config.head_dim * (n_vis + 2) * elem
     print(f"\nmodel: Qwen3-VL shape, {args.layers} LM layers, {n_params / 1e6:.0f}M params (random, {args.dtype}), built in {build_s:.1f}s")
     print(f"candidates: {args.candidates}, visual tokens/page: {n_vis} (grid {grid[0]}x{grid[1]}), query segment: {q_tokens} tokens, threads: {args.threads}")
     print(f"{'variant':30s} {'seconds':>10s} {'x dense':>10s}  notes")
