@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import safetensors.torch
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 import torch
 
 from minirerank_core.errors import CacheCorruptError, ConfigError
@@ -241,7 +241,7 @@ def _parse_entry(data: bytes, where: str) -> tuple[dict[str, Any], CacheEntry]:
         checksum = meta_strs["checksum"]
         if not isinstance(fields, dict) or not isinstance(meta, dict) or not isinstance(checksum, str):
             raise ValueError("key/meta/checksum have the wrong JSON types")
-        tensors = safetensors.torch.load(data)  # copies out of `data`: no mmap, no pickle
+        tensors = load_safetensors(data)  # copies out of `data`: no mmap, no pickle
     except Exception as exc:  # safetensors raises its own error types; all mean "corrupt"
         raise CacheCorruptError(f"{where}: corrupt cache file ({type(exc).__name__}: {exc})") from exc
     if _checksum(tensors) != checksum:
@@ -303,7 +303,7 @@ class DiskStore:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"CacheEntry.meta must be JSON-serialisable: {exc}") from exc
         metadata = {"format": FORMAT, "key": key._canonical, "meta": meta_json, "checksum": _checksum(tensors)}
-        data = safetensors.torch.save(tensors, metadata=metadata)
+        data = save_safetensors(tensors, metadata=metadata)
         final = self.path_for(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         # Same directory, so os.replace is a rename within one filesystem (atomic); unique per writer.
