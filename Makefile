@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench train clean
 
 $(STAMP): pyproject.toml constraints.txt $(wildcard integrations/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py
+
+# The shipped default models' recipe (MODEL_CARD.md), every stage resumable; about an hour on 2 CPU cores.
+RUN ?= runs/defaults
+train: $(STAMP)
+	$(PY) -m minirerank_core.train.recipe --out $(RUN) --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

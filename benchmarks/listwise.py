@@ -209,10 +209,12 @@ def main(argv=None):
     common = dict(dtype=args.dtype)
     dense = MiniReranker(model, processor, RerankConfig(**common))
     if use_default:  # the point-wise student as it was trained: its exit, band, positions, keep ratio and prompt
-        from minirerank_core.defaults import default_rerank_config, default_template
+        from minirerank_core.defaults import DEFAULT_RERANKER_DIR
+        from minirerank_core.engine.settings import read_settings
 
-        mini = MiniReranker(model, processor, default_rerank_config(**common), template=default_template())
-        dense = MiniReranker(model, processor, RerankConfig(**common), template=default_template())
+        saved = read_settings(DEFAULT_RERANKER_DIR)
+        mini = MiniReranker(model, processor, saved.config.replace(**common), template=saved.template)
+        dense = MiniReranker(model, processor, RerankConfig(**common), template=saved.template)
         exit_layer, band, args.mini_keep = mini.config.exit_layer, mini.config.band, mini.config.keep_ratio
     else:
         mini = MiniReranker(model, processor, RerankConfig(exit_layer=exit_layer, band=band, keep_ratio=args.mini_keep, **common))

@@ -31,7 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minirerank_core import MiniReranker, Page, RerankConfig  # noqa: E402
-from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_RERANKER_DIR, rerank_config_from, template_from  # noqa: E402
+from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_RERANKER_DIR  # noqa: E402
+from minirerank_core.engine.settings import read_settings  # noqa: E402
 from minirerank_core.retrieval.embedder import PageEmbedder  # noqa: E402
 from minirerank_core.retrieval.importance import query_importances  # noqa: E402
 from minirerank_core.retrieval.index import PageIndex  # noqa: E402
@@ -44,10 +45,11 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     if not (args.data / "recipe.json").exists():
         if not args.build_data:
-            raise SystemExit(f"{args.data} holds no dataset; pass --build-data to build it (seed 0, ~5 min)")
+            raise SystemExit(f"{args.data} holds no dataset; pass --build-data to build it (the recipe's, seed 0, ~5 min)")
         from minirerank_core.train.data import build
+        from minirerank_core.train.recipe import DATA
 
-        build(args.data, seed=0)
+        build(args.data, **DATA)
     ds = DataSet(args.data)
     page_ids = ds.page_ids(args.split)
     queries = ds.split_queries(args.split)
@@ -55,8 +57,8 @@ def run(args) -> dict:
         queries = sorted(random.Random(args.seed).sample(queries, args.max_queries), key=lambda q: q["qid"])
     pages = {p: Page(ds.image_path(p), id=p) for p in page_ids}
 
-    mini_cfg = rerank_config_from(args.reranker, device=args.device, batch_size=args.top_k)
-    mini = MiniReranker.from_pretrained(args.reranker, config=mini_cfg, template=template_from(args.reranker))
+    mini_cfg = read_settings(args.reranker).config.replace(device=args.device, batch_size=args.top_k)
+    mini = MiniReranker.from_pretrained(args.reranker, config=mini_cfg)
     dense = MiniReranker.from_pretrained(args.teacher, config=RerankConfig(device=args.device))
     embedder = PageEmbedder.from_pretrained(str(args.embedder), device=args.device, pixel_budget=mini.pixel_budget)
 

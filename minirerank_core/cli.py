@@ -107,36 +107,15 @@ def load_reranker(args: argparse.Namespace):
             changes.setdefault("mode", "cached" if ("exit_layer" in changes or "band" in changes) else "single_pass")
         return ListwiseReranker.from_pretrained(args.model, ListwiseConfig(**changes) if changes else None, cache_dir=cache_dir)
     from .engine.config import RerankConfig
+    from .engine.settings import saved_config
     from .reranker import MiniReranker
 
     config = None
     if changes:
-        saved = _saved_config(args.model)
+        saved = saved_config(args.model)
         base = saved if saved is not None else RerankConfig()
         config = dataclasses.replace(base, **changes)
     return MiniReranker.from_pretrained(args.model, config, cache_dir=cache_dir)
-
-
-def _saved_config(model: str | None):
-    """The settings a checkpoint was saved / trained with (its minirerank_config.json), so CLI overrides change
-    only what they name. Reads both layouts: {"config": ...} (MiniReranker.save_pretrained) and
-    {"format": "minirerank-config/1", "rerank_config": ...} (the trained defaults)."""
-    from .engine.config import RerankConfig
-
-    path = model if model is not None else _default_dir("DEFAULT_RERANKER_DIR")
-    if path is None:
-        return None
-    f = Path(path) / "minirerank_config.json"
-    if not f.is_file():
-        return None
-    try:
-        saved = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"cannot read {f}: {exc}") from exc
-    fields = saved.get("config") or saved.get("rerank_config")
-    if not isinstance(fields, dict):
-        return None
-    return RerankConfig.from_dict({k: v for k, v in fields.items() if k in RerankConfig.__dataclass_fields__})
 
 
 def _default_dir(name: str) -> str | None:
@@ -181,7 +160,9 @@ def _no_first_stage_pruning(args: argparse.Namespace) -> None:
     for flag, value in (("--keep-ratio", args.keep_ratio), ("--index-keep-ratio", args.index_keep_ratio)):
         if value is not None and value < 1.0:
             raise ConfigError(f"{flag} < 1 prunes with the first stage's similarity maps: also pass --embedder PATH")
-    saved = _saved_config(args.model)
+    from .engine.settings import saved_config
+
+    saved = saved_config(args.model)
     if saved is not None and (saved.keep_ratio < 1.0 or saved.index_keep_ratio < 1.0):
         print(
             "minirerank: note: no first stage here (--embedder not given), so every visual token is used "

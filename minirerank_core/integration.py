@@ -13,7 +13,6 @@ import asyncio
 import base64
 import functools
 import io
-import json
 import logging
 import os
 import threading
@@ -32,6 +31,7 @@ import numpy as np
 
 from minirerank_core import ConfigError, InvalidImageError, InvalidQueryError, MiniReranker, Page, RerankConfig
 from minirerank_core.pages.ingest import IMAGE_EXTENSIONS
+from minirerank_core.engine.settings import saved_config
 
 logger = logging.getLogger("minirerank.integrations")
 
@@ -47,6 +47,10 @@ IMPORTANCE_KEY = "minirerank_importance"
 
 class MissingImageWarning(UserWarning):
     """A candidate without a readable page image was skipped (on_missing_image="skip")."""
+
+
+class UnprunedWarning(UserWarning):
+    """A pruning reranker got candidates without first-stage importance maps and attends to every visual token."""
 
 
 class NoImage(Exception):
@@ -123,31 +127,8 @@ def build_reranker(
         raise ConfigError(f"mode='pointwise' takes a RerankConfig, got {type(config).__name__}")
     if device is not None:
         # keep the settings a checkpoint was trained with (minirerank_config.json); only the device changes
-        config = (config or _saved_config(model) or RerankConfig()).replace(device=str(device))
+        config = (config or saved_config(model) or RerankConfig()).replace(device=str(device))
     return MiniReranker.from_pretrained(model, config, cache_dir=cache_dir), "pointwise"
-
-
-def _saved_config(model: str | os.PathLike[str] | None) -> RerankConfig | None:
-    """The settings a checkpoint directory was trained / saved with (its minirerank_config.json), so that a
-    device override changes nothing else. Reads both layouts: {"config": ...} (MiniReranker.save_pretrained)
-    and {"format": "minirerank-config/1", "rerank_config": ...} (the trained defaults)."""
-    if model is None:
-        try:
-            from minirerank_core.defaults import DEFAULT_RERANKER_DIR as model  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    f = Path(model) / "minirerank_config.json"
-    if not f.is_file():
-        return None
-    try:
-        saved = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {f}: {exc}") from exc
-    fields = saved.get("config") or saved.get("rerank_config")
-    if not isinstance(fields, dict):
-        return None
-    known = RerankConfig.__dataclass_fields__
-    return RerankConfig.from_dict({k: v for k, v in fields.items() if k in known})
 
 
 def model_name(reranker: Any) -> str:
@@ -250,15 +231,25 @@ def collect_pages(
 
 
 def check_importance(reranker: Any, importance: list[Any], ids: list[str], kind: str) -> None:
-    """A reranker that prunes at query time (keep_ratio < 1) needs every candidate's first-stage map."""
+    """A reranker that prunes at query time (keep_ratio < 1) needs the first-stage map of every candidate, or of
+    none: a point-wise reranker then attends to every visual token (Scorer passes keep_ratio=1.0; scores of a
+    pruned and an unpruned page are not comparable, so a mix is refused)."""
     keep = float(getattr(getattr(reranker, "config", None), "keep_ratio", 1.0))
     missing = [i for i, imp in zip(ids, importance) if imp is None]
-    if keep < 1.0 and missing:
-        raise ConfigError(
-            f"the reranker prunes visual tokens (keep_ratio={keep:g}) with the first stage's importance maps, but "
-            f"{len(missing)} {kind}(s) carry none in metadata[{IMPORTANCE_KEY!r}] (e.g. {missing[0]!r}); retrieve "
-            f"them with MiniRerankRetriever, or rerank them with a reranker built with keep_ratio=1.0"
-        )
+    if keep >= 1.0 or not missing:
+        return
+    if len(missing) == len(ids) and not is_listwise(reranker):
+        msg = (f"minirerank: the reranker prunes visual tokens (keep_ratio={keep:g}) with the first stage's importance "
+               f"maps, but no {kind} carries one in metadata[{IMPORTANCE_KEY!r}]: every visual token is used "
+               f"(retrieve with MiniRerankRetriever to prune)")
+        warnings.warn(msg, UnprunedWarning, stacklevel=4)
+        logger.info(msg)
+        return
+    raise ConfigError(
+        f"the reranker prunes visual tokens (keep_ratio={keep:g}) with the first stage's importance maps, but "
+        f"{len(missing)} of {len(ids)} {kind}(s) carry none in metadata[{IMPORTANCE_KEY!r}] (e.g. {missing[0]!r}); "
+        f"retrieve them with MiniRerankRetriever, or rerank them with a reranker built with keep_ratio=1.0"
+    )
 
 
 def importance_array(value: Any) -> np.ndarray | None:
@@ -305,7 +296,10 @@ class Scorer:
         imp = importance if importance is not None and any(x is not None for x in importance) else None
         if self.mode == "listwise":
             return [(r.index, float(r.score)) for r in self.reranker.rerank(query, pages, importance=imp)]
-        return list(enumerate(float(s) for s in self.reranker.score(query, pages, importance=imp)))
+        pruning = float(getattr(getattr(self.reranker, "config", None), "keep_ratio", 1.0)) < 1.0
+        # no maps at all: attend to every visual token (see check_importance)
+        extra = {"keep_ratio": 1.0} if imp is None and pruning else {}
+        return list(enumerate(float(s) for s in self.reranker.score(query, pages, importance=imp, **extra)))
 
     def _merge(self, parts: list[tuple[slice, list[tuple[int, float]]]]) -> list[tuple[int, float]]:
         if self.mode == "listwise":

@@ -7,12 +7,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +24,11 @@ from .cache import CacheEntry, CacheKey, CacheStore, DiskStore, MemoryStore, Tie
 from .engine.config import RerankConfig
 from .engine.families import FamilyAdapter, adapter_for
 from .engine.kv import KV_FORMAT, PageKV
-from .engine.prefill import merged_grid, prefill_pages, prefix_kv, query_ids, tokenize
+from .engine.prefill import prefill_pages, prefix_kv, query_ids, tokenize
 from .engine.prompt import DEFAULT_TEMPLATE, TEMPLATES, PromptTemplate, YesNoHead, label_token_id
 from .engine.reference import dense_scores
 from .engine.scorer import score_cached
+from .engine.settings import SavedSettings, read_settings, write_settings
 from .errors import ConfigError, EmptyCandidatesError, InvalidQueryError
 from .pages import Page, PixelBudget, as_pages
 
@@ -121,16 +120,6 @@ def _default_reranker_dir() -> Path:
     return Path(DEFAULT_RERANKER_DIR)
 
 
-def _read_saved_settings(path: Path) -> dict:
-    f = path / "minirerank_config.json"
-    if not f.exists():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {f}: {e}") from e
-
-
 class MiniReranker:
     """Point-wise MLLM page reranker with a per-page KV cache, early exit, interaction band and pruning."""
 
@@ -194,12 +183,9 @@ class MiniReranker:
             path_or_id = _default_reranker_dir()
         local = Path(path_or_id).exists()
         offline = local if local_files_only is None else local_files_only
-        saved = _read_saved_settings(Path(path_or_id)) if local else {}
-        if config is None and "config" in saved:
-            config = RerankConfig.from_dict(saved["config"])
-        if template is None and "template" in saved:
-            template = PromptTemplate(**saved["template"])
-        config = config or RerankConfig()
+        saved = read_settings(path_or_id) if local else SavedSettings()
+        config = config or saved.config or RerankConfig()
+        template = template or saved.template
         processor = AutoProcessor.from_pretrained(str(path_or_id), local_files_only=offline)
         model = AutoModelForImageTextToText.from_pretrained(
             str(path_or_id), dtype=config.torch_dtype, local_files_only=offline
@@ -211,10 +197,7 @@ class MiniReranker:
         path = Path(path)
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
-        settings = {"config": self.config.to_dict(), "template": dataclasses.asdict(self.template)}
-        tmp = path / "minirerank_config.json.tmp"
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, path / "minirerank_config.json")
+        write_settings(path, self.config, self.template)
 
     def _set_max_visual_tokens(self, n: int) -> None:
         ip = self.processor.image_processor
@@ -320,14 +303,24 @@ class MiniReranker:
         return out  # type: ignore[return-value]
 
     # --- scoring --------------------------------------------------------------------------------------
-    def score(self, query: str, pages: Sequence[PageInput], importance: Importance = None) -> list[float]:
-        """Relevance scores aligned with `pages` (logit(yes) − logit(no) for the default head)."""
+    def score(
+        self, query: str, pages: Sequence[PageInput], importance: Importance = None, *, keep_ratio: float | None = None
+    ) -> list[float]:
+        """Relevance scores aligned with `pages` (logit(yes) − logit(no) for the default head).
+
+        `keep_ratio` overrides the configured query-time keep ratio for this call (1.0: no pruning, e.g. when no
+        first-stage maps are at hand); the page cache does not depend on it."""
         query = check_query(query)
         pages = as_pages(pages)
         if not pages:
             raise EmptyCandidatesError("rerank() needs at least one candidate page")
+        cfg = self.config
+        if keep_ratio is not None:
+            if not 0.0 < float(keep_ratio) <= 1.0:
+                raise ConfigError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+            cfg = cfg.replace(keep_ratio=float(keep_ratio))
         imps = importance_list(pages, importance)
-        if self.config.keep_ratio < 1.0 and any(i is None for i in imps):
+        if cfg.keep_ratio < 1.0 and any(i is None for i in imps):
             raise ConfigError(
                 "keep_ratio < 1 prunes with the first stage's importance maps: pass importance=... for every page "
                 "(RerankPipeline does this), or set keep_ratio=1.0"
@@ -342,16 +335,22 @@ class MiniReranker:
         bs = self.config.batch_size
         for s in range(0, len(kvs), bs):
             with torch.inference_mode():
-                scores.append(score_cached(self.adapter, self.prefix_cache, q_ids, kvs[s : s + bs], self.config, self.head, imps[s : s + bs]))
+                scores.append(score_cached(self.adapter, self.prefix_cache, q_ids, kvs[s : s + bs], cfg, self.head, imps[s : s + bs]))
         return torch.cat(scores).tolist()
 
     def rerank(
-        self, query: str, pages: Sequence[PageInput], top_n: int | None = None, importance: Importance = None
+        self,
+        query: str,
+        pages: Sequence[PageInput],
+        top_n: int | None = None,
+        importance: Importance = None,
+        *,
+        keep_ratio: float | None = None,
     ) -> list[RerankResult]:
-        """Pages sorted by relevance (best first), at most `top_n` of them."""
+        """Pages sorted by relevance (best first), at most `top_n` of them (`keep_ratio`: see `score`)."""
         check_top_n(top_n)
         pages = as_pages(pages)
-        scores = self.score(query, pages, importance)
+        scores = self.score(query, pages, importance, keep_ratio=keep_ratio)
         order = sorted(range(len(pages)), key=lambda i: -scores[i])[:top_n]
         return [RerankResult(pages[i].id, float(scores[i]), r + 1, i, pages[i]) for r, i in enumerate(order)]
 

@@ -15,7 +15,7 @@ pytest.importorskip("langchain_core")
 from langchain_core.callbacks import CallbackManagerForRetrieverRun  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
-from langchain_minirerank import IMPORTANCE_KEY, MiniRerank, MissingImageWarning  # noqa: E402
+from langchain_minirerank import IMPORTANCE_KEY, MiniRerank, MissingImageWarning, UnprunedWarning  # noqa: E402
 
 from minirerank_core import ConfigError, InvalidImageError, InvalidQueryError, MiniReranker, RerankConfig  # noqa: E402
 from minirerank_core import testing as T  # noqa: E402
@@ -149,6 +149,13 @@ def test_importance_metadata_prunes(tiny, files):
     got = {d.id: d.metadata["relevance_score"] for d in out}
     assert [got[f"d{i}"] for i in range(len(files))] == pytest.approx(want, abs=1e-6)
     assert all(IMPORTANCE_KEY not in d.metadata for d in out)
+    # documents from another retriever carry no maps: every visual token is used, with a warning
+    plain = [Document(page_content="", metadata={"image_path": str(f)}, id=f"d{i}") for i, f in enumerate(files)]
+    with pytest.warns(UnprunedWarning, match="every visual token"):
+        out = MiniRerank(sparse, top_n=None).compress_documents(plain, QUERY)
+    got = {d.id: d.metadata["relevance_score"] for d in out}
+    assert [got[f"d{i}"] for i in range(len(files))] == pytest.approx(
+        sparse.score(QUERY, [str(f) for f in files], keep_ratio=1.0), abs=1e-6)
 
 
 def test_async_matches_and_runs_off_the_loop(tiny, files, expected):

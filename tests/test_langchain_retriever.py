@@ -13,7 +13,7 @@ pytest.importorskip("langchain_core")
 pytest.importorskip("colpali_engine")
 
 from langchain_core.documents import Document  # noqa: E402
-from langchain_minirerank import IMPORTANCE_KEY, MiniRerank, MiniRerankRetriever  # noqa: E402
+from langchain_minirerank import IMPORTANCE_KEY, MiniRerank, MiniRerankRetriever, UnprunedWarning  # noqa: E402
 from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
 
 from minirerank_core import ConfigError, InvalidQueryError, RerankConfig  # noqa: E402
@@ -135,12 +135,15 @@ def test_contextual_compression_equals_pipeline_search(pipe):
     assert all(IMPORTANCE_KEY not in d.metadata for d in got)
     agot = asyncio.run(retriever.ainvoke(QUERY))
     assert [d.id for d in agot] == [r.page_id for r in want]
-    # maps missing -> a pruning reranker refuses: the compressor really used the retriever's maps
+    # maps missing -> the pruning reranker attends to every token (with a warning) and scores differently: the
+    # compressor really used the retriever's maps above
     bare = ContextualCompressionRetriever(
-        base_compressor=MiniRerank(pipe.reranker), base_retriever=MiniRerankRetriever(pipeline=pipe, k=5, include_importance=False)
+        base_compressor=MiniRerank(pipe.reranker, top_n=3),
+        base_retriever=MiniRerankRetriever(pipeline=pipe, k=5, include_importance=False),
     )
-    with pytest.raises(ConfigError, match="importance"):
-        bare.invoke(QUERY)
+    with pytest.warns(UnprunedWarning):
+        unpruned = bare.invoke(QUERY)
+    assert [d.metadata["relevance_score"] for d in unpruned] != pytest.approx([r.score for r in want], abs=1e-5)
 
 
 def test_bad_inputs(pipe):

@@ -34,7 +34,7 @@ from llama_index.core.schema import (  # noqa: E402
     QueryBundle,
     TextNode,
 )
-from llama_index.postprocessor.minirerank import IMPORTANCE_KEY, MiniRerank, MissingImageWarning  # noqa: E402
+from llama_index.postprocessor.minirerank import IMPORTANCE_KEY, MiniRerank, MissingImageWarning, UnprunedWarning  # noqa: E402
 
 from minirerank_core import ConfigError, InvalidImageError, InvalidQueryError, MiniReranker, RerankConfig  # noqa: E402
 from minirerank_core import testing as T  # noqa: E402
@@ -250,9 +250,17 @@ def test_importance_from_node_metadata_prunes(tiny, files):
     # the map matters: a different one gives different scores
     flipped = [[-x for x in imp] for imp in imps]
     assert sparse.score(QUERY, [str(f) for f in files], importance=flipped) != pytest.approx(want, abs=1e-6)
-    # and without it a pruning reranker cannot run
-    with pytest.raises(ConfigError, match="importance"):
-        MiniRerank(sparse).postprocess_nodes(image_nodes(files), query_str=QUERY)
+    # without any map a pruning reranker attends to every visual token, and says so
+    dense_want = sparse.score(QUERY, [str(f) for f in files], keep_ratio=1.0)
+    with pytest.warns(UnprunedWarning, match="every visual token"):
+        out = MiniRerank(sparse, top_n=None).postprocess_nodes(image_nodes(files), query_str=QUERY)
+    got = {n.node.node_id: n.score for n in out}
+    assert [got[f"n{i}"] for i in range(len(files))] == pytest.approx(dense_want, abs=1e-6)
+    assert dense_want != pytest.approx(want, abs=1e-6)
+    # a mix of pruned and unpruned candidates would not be comparable: refused
+    nodes[0].node.metadata.pop(IMPORTANCE_KEY)
+    with pytest.raises(ConfigError, match="1 of"):
+        MiniRerank(sparse).postprocess_nodes(nodes, query_str=QUERY)
 
 
 # --- construction ----------------------------------------------------------------------------------------
@@ -329,8 +337,9 @@ def test_default_model(files):
         with pytest.raises(ConfigError, match="default model"):
             MiniRerank()
         return
-    pp = MiniRerank(top_n=2)
-    assert len(pp.postprocess_nodes(image_nodes(files), query_str=QUERY)) == 2
+    pp = MiniRerank(top_n=2)  # the shipped student prunes with first-stage maps; plain nodes carry none
+    with pytest.warns(UnprunedWarning):
+        assert len(pp.postprocess_nodes(image_nodes(files), query_str=QUERY)) == 2
 
 
 # --- events ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from colpali_engine.models import ColQwen3, ColQwen3Processor  # noqa: E402
 from llama_index.core.llms import MockLLM  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.schema import ImageNode, MetadataMode, QueryBundle  # noqa: E402
-from llama_index.postprocessor.minirerank import IMPORTANCE_KEY, MiniRerank  # noqa: E402
+from llama_index.postprocessor.minirerank import IMPORTANCE_KEY, MiniRerank, UnprunedWarning  # noqa: E402
 from llama_index.retrievers.minirerank import MiniRerankRetriever  # noqa: E402
 
 from minirerank_core import ConfigError, InvalidQueryError, MiniReranker, RerankConfig  # noqa: E402
@@ -106,10 +106,13 @@ def test_retriever_plus_postprocessor_equals_pipeline_search(pipe):
     assert [n.score for n in got] == pytest.approx([r.score for r in want], abs=1e-5)
     assert [n.node.metadata["retrieval_score"] for n in got] == pytest.approx([r.first_stage_score for r in want])
     assert all(IMPORTANCE_KEY not in n.node.metadata for n in got)
-    # without the maps the pruning reranker cannot run: proves the postprocessor used the retriever's maps
+    # without the maps the pruning reranker attends to every token (with a warning) and scores differently: the
+    # postprocessor really used the retriever's maps above
     bare = MiniRerankRetriever(pipe, similarity_top_k=5, include_importance=False)
-    with pytest.raises(ConfigError, match="importance"):
-        RetrieverQueryEngine.from_args(bare, llm=MockLLM(), node_postprocessors=[MiniRerank(pipe.reranker)]).query(QUERY)
+    with pytest.warns(UnprunedWarning):
+        unpruned = RetrieverQueryEngine.from_args(
+            bare, llm=MockLLM(), node_postprocessors=[MiniRerank(pipe.reranker, top_n=3)]).query(QUERY)
+    assert [n.score for n in unpruned.source_nodes] != pytest.approx([r.score for r in want], abs=1e-5)
 
     async_response = asyncio.run(engine.aquery(QUERY))
     assert [n.node.node_id for n in async_response.source_nodes] == [r.page_id for r in want]

@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import minirerank_core.reranker as reranker_mod
 from minirerank_core import MiniReranker, Page, RerankConfig

@@ -99,6 +99,22 @@ def test_pruning_without_importance_is_explained(tiny, page_images):
         r.index(page_images)
 
 
+def test_per_call_keep_ratio_override(tiny, page_images):
+    model, proc = tiny("qwen3_vl")
+    pruning = MiniReranker(model, proc, RerankConfig(keep_ratio=0.5))
+    full = MiniReranker(model, proc, RerankConfig())
+    # keep_ratio=1.0 for one call: no maps needed, and exactly the unpruned scores
+    assert pruning.score("q", page_images, keep_ratio=1.0) == pytest.approx(full.score("q", page_images), abs=1e-6)
+    assert [r.page_id for r in pruning.rerank("q", page_images, keep_ratio=1.0)] == [r.page_id for r in full.rerank("q", page_images)]
+    assert pruning.config.keep_ratio == 0.5  # the override does not stick
+    maps = [torch.rand(h * w) for h, w in (pruning.visual_grid(p) for p in page_images)]
+    assert full.score("q", page_images, importance=maps, keep_ratio=0.5) == pytest.approx(
+        pruning.score("q", page_images, importance=maps), abs=1e-6)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ConfigError, match="keep_ratio"):
+            pruning.score("q", page_images, keep_ratio=bad)
+
+
 def test_unsupported_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 

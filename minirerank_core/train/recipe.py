@@ -1,0 +1,107 @@
+"""The whole recipe of the shipped defaults, stage after stage, each resumable (a finished stage is skipped).
+
+    python -m minirerank_core.train.recipe --out /work/train_runs/r1 [--data /work/train_runs/data] [--threads 1]
+
+Stages and their arguments are listed in stages() below (and in MODEL_CARD.md); `--smoke` shrinks every stage to a
+few steps for a quick end-to-end check. Afterwards `python -m minirerank_core.train.export --run OUT` writes the
+package assets and `python benchmarks/quality.py` measures them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Arguments of train.data.build for the shipped models' dataset (benchmarks/quality.py rebuilds it from these).
+DATA = dict(seed=0, vocab_size=2048, grid_frac=1.0, grid_px=16, max_pages_per_doc=40)
+STUDENT = dict(exit_layer=6, band=(2, 5), keep_ratio=0.5)
+# The teacher trains in two phases in one run directory (phase 2 resumes phase 1's checkpoint and optimizer):
+# phase 1 mostly on random negatives with a high learning rate, so the from-scratch LM first finds the query ->
+# page-cell attention (guided in layers 2-4, the student's band); phase 2 on first-stage hard negatives.
+TEACHER_PHASES = (
+    (300, ["--lr", "1e-3", "--random-frac", "1.0", "0.3"]),
+    (1400, ["--lr", "5e-4", "--random-frac", "0.3", "0.0", "--eval-every", "200"]),
+)
+TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "20", "--guide-layers", "2", "3", "4",
+           "--guide-weight", "1.0", "--eval-queries", "80"]
+
+
+def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | None, list[str]]]:
+    """(name, output directory, steps it must reach to count as done, module + arguments) per stage."""
+    s = (lambda full, small: str(small if smoke else full))  # noqa: E731
+    student = ["--exit-layer", str(STUDENT["exit_layer"]), "--band", *map(str, STUDENT["band"]),
+               "--keep-ratio", str(STUDENT["keep_ratio"]), "--query-positions", "shared"]
+    teacher = [
+        (f"teacher-{i + 1}", run / "teacher", int(s(steps, 3 * (i + 1))),
+         ["minirerank_core.train.reranker", "teacher", "--data", str(data), "--init-pretrain", str(run / "pretrain"),
+          "--embedder", str(run / "embedder" / "final"), "--negatives", "first-stage", "--out", str(run / "teacher"),
+          *TEACHER, *extra, "--steps", s(steps, 3 * (i + 1))] + (["--eval-queries", "8"] if smoke else []))
+        for i, (steps, extra) in enumerate(TEACHER_PHASES)
+    ]
+    return [
+        ("data", data, None, ["minirerank_core.train.data", "--out", str(data)]
+         + [f"--{k.replace('_', '-')}={v}" for k, v in DATA.items()] + (["--max-docs", "12"] if smoke else [])),
+        ("pretrain", run / "pretrain", None,
+         ["minirerank_core.train.pretrain", "--data", str(data), "--out", str(run / "pretrain"),
+          "--steps", s(400, 4), "--batch", "8", "--lr", "2e-3", "--warmup", s(30, 1), "--char-weight", "1.0",
+          "--eval-every", s(50, 4), "--eval-pages", s(32, 4)]),
+        ("embedder", run / "embedder", None,
+         ["minirerank_core.train.embedder", "--data", str(data), "--init-pretrain", str(run / "pretrain"),
+          "--out", str(run / "embedder"), "--steps", s(300, 3), "--batch", "8", "--hard", "4", "--lr", "5e-4",
+          "--warmup", s(15, 1), "--temperature", "0.02"]),
+        *teacher,
+        ("student", run / "student", None,
+         ["minirerank_core.train.reranker", "student", "--data", str(data), "--init", str(run / "teacher" / "final"),
+          "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
+          "--negatives", "first-stage", "--out", str(run / "student"), *student, "--steps", s(600, 3), "--groups", "2",
+          "--hard", "3", "--extra-queries", "2", "--lr", "3e-4", "--warmup", s(10, 1)]
+         + (["--eval-queries", "8"] if smoke else [])),
+    ]
+
+
+def _done(name: str, out: Path, steps: int | None) -> bool:
+    if name == "data":
+        return (out / "recipe.json").exists()
+    result = out / "result.json"
+    if not result.exists():
+        return False
+    return steps is None or json.loads(result.read_text()).get("step", 0) >= steps
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m minirerank_core.train.recipe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="run directory (one sub-directory per stage)")
+    ap.add_argument("--data", type=Path, default=None, help="dataset directory (default: OUT/data)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"])
+    ap.add_argument("--smoke", action="store_true", help="a few steps per stage on a dozen documents")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    args = ap.parse_args(argv)
+    run = args.out
+    data = args.data or run / "data"
+    run.mkdir(parents=True, exist_ok=True)
+    runtime = ["--device", args.device, "--amp", args.amp, "--quiet"] + (["--threads", str(args.threads)] if args.threads else [])
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    for name, out, steps, cmd in stages(run, data, args.smoke):
+        if args.only and name.split("-")[0] not in args.only:
+            continue
+        if _done(name, out, steps):
+            print(f"[recipe] {name}: done, skipped", flush=True)
+            continue
+        full = [sys.executable, "-m", *cmd] + ([] if name == "data" else runtime)
+        print(f"[recipe] {name}: {' '.join(full[1:])}", flush=True)
+        t = time.time()
+        subprocess.run(full, check=True)
+        timings[name] = timings.get(name, 0.0) + time.time() - t
+        (run / "timings.json").write_text(json.dumps(timings, indent=1))
+    print(json.dumps({"timings_s": timings, "total_s": sum(timings.values())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

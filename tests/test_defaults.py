@@ -1,0 +1,93 @@
+"""The shipped default models: present, small, loadable offline with plain transformers, and they score the
+sample corpus the way queries.json records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from minirerank_core import MiniReranker, defaults
+from minirerank_core.engine.config import RerankConfig
+
+pytestmark = pytest.mark.skipif(not (defaults.DEFAULT_RERANKER_DIR / "model.safetensors").exists(),
+                                reason="shipped assets not built (python -m minirerank_core.train.export)")
+
+
+def test_asset_directories_are_complete_and_small():
+    for d in (defaults.DEFAULT_RERANKER_DIR, defaults.DEFAULT_EMBEDDER_DIR):
+        for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (d / name).is_file(), d / name
+    total = sum(f.stat().st_size for d in (defaults.DEFAULT_RERANKER_DIR, defaults.DEFAULT_EMBEDDER_DIR,
+                                           defaults.SAMPLE_CORPUS_DIR) for f in d.iterdir())
+    assert total < 60e6
+    pages = defaults.sample_pages()
+    assert 12 <= len(pages) <= 30
+    ids = {p.stem for p in pages}
+    queries = defaults.sample_queries()
+    assert queries and all(set(q["relevant"]) <= ids for q in queries)
+    assert any(q["demo"] for q in queries)
+
+
+def test_default_config_is_what_the_student_was_trained_with():
+    doc = json.loads((defaults.DEFAULT_RERANKER_DIR / "minirerank_config.json").read_text())
+    cfg = defaults.default_rerank_config()
+    assert isinstance(cfg, RerankConfig)
+    assert cfg.query_positions == "shared" and cfg.shared_offset == doc["config"]["shared_offset"]
+    assert list(cfg.band) == doc["config"]["band"] and cfg.exit_layer == doc["config"]["exit_layer"]
+    assert cfg.keep_ratio == doc["config"]["keep_ratio"] < 1.0
+    assert doc["training"]["stage"] == "student"
+    assert defaults.default_rerank_config(batch_size=7).batch_size == 7
+    # With no argument, the facade loads the shipped student with the settings and prompt it was trained with.
+    rr = MiniReranker.from_pretrained()
+    assert rr.config.replace(device="cpu") == cfg.replace(device="cpu")
+    assert "{query}" in rr.template.query and (rr.template.positive, rr.template.negative) == ("yes", "no")
+
+
+def test_models_load_offline_with_plain_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    from colpali_engine.models import ColQwen3, ColQwen3Processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(str(defaults.DEFAULT_RERANKER_DIR), local_files_only=True)
+    rr = AutoModelForImageTextToText.from_pretrained(str(defaults.DEFAULT_RERANKER_DIR), local_files_only=True)
+    assert rr.config.model_type == "qwen3_vl" and proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") >= 0
+    emb = ColQwen3.from_pretrained(str(defaults.DEFAULT_EMBEDDER_DIR), local_files_only=True)
+    eproc = ColQwen3Processor.from_pretrained(str(defaults.DEFAULT_EMBEDDER_DIR), local_files_only=True)
+    assert emb.config.model_type == "qwen3_vl" and eproc.tokenizer.convert_tokens_to_ids("<|image_pad|>") >= 0
+    # One vision tower config and one pixel budget: importance maps land on the reranker's own grid.
+    assert emb.config.vision_config.to_dict() == rr.config.vision_config.to_dict()
+    a = json.loads((defaults.DEFAULT_RERANKER_DIR / "processor_config.json").read_text())["image_processor"]["size"]
+    b = json.loads((defaults.DEFAULT_EMBEDDER_DIR / "processor_config.json").read_text())["image_processor"]["size"]
+    assert a == b
+
+
+def test_shipped_pipeline_scores_the_sample_corpus_as_recorded(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from minirerank_core import Page
+    from minirerank_core.retrieval.embedder import PageEmbedder
+    from minirerank_core.retrieval.importance import query_importances
+    from minirerank_core.retrieval.index import PageIndex
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    mini = MiniReranker.from_pretrained()
+    embedder = PageEmbedder.from_pretrained(str(defaults.DEFAULT_EMBEDDER_DIR), pixel_budget=mini.pixel_budget)
+    pages = [Page(p, id=p.stem) for p in defaults.sample_pages()]
+    by_id = {p.id: p for p in pages}
+    embs = embedder.encode_pages(pages, show_progress=False)
+    emb_by_id = {e.page_id: e for e in embs}
+    index = PageIndex()
+    index.add(embs)
+    doc = json.loads((defaults.SAMPLE_CORPUS_DIR / "queries.json").read_text())
+    top_k = doc["accuracy"]["top_k"]
+    for q in doc["queries"]:
+        q_emb = embedder.encode_query(q["query"])
+        cand = [h.page_id for h in index.search(q_emb, k=top_k)]
+        assert (cand[0] in q["relevant"]) == q["first_stage_top1"]
+        imps = query_importances(q_emb, [emb_by_id[c] for c in cand], [mini.visual_grid(by_id[c]) for c in cand])
+        res = mini.rerank(q["query"], [by_id[c] for c in cand], importance=imps)
+        assert all(r.score == r.score for r in res)  # finite
+        assert (res[0].page_id in q["relevant"]) == q["mini_top1"], q["query"]
