@@ -282,3 +282,36 @@ def test_frozen_vision_cache_is_exact(stages, dataset):
         assert len(cache.store) == 3
         cache.close()
     assert torch.equal(ref, first) and torch.equal(ref.flip(1), again)
+
+
+@pytest.mark.slow
+def test_recipe_smoke_chains_every_stage_resumes_and_exports(tmp_path):
+    """`recipe --smoke` (the shipped sizes, a few steps each on 12 documents): teacher phase 2 resumes phase 1's
+    checkpoint, a second run skips every finished stage, and export writes assets that reload offline."""
+    import subprocess
+    import sys
+
+    from minirerank_core import MiniReranker
+    from minirerank_core.engine.settings import read_settings
+    from minirerank_core.train import export, recipe
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minirerank_core.train.recipe", "--out", str(run), "--smoke", "--threads", "2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    starts = [e["step"] for e in map(json.loads, (run / "teacher" / "log.jsonl").read_text().splitlines())
+              if e.get("event") == "start"]
+    assert starts == [0, 3]  # phase 2 continued from phase 1's checkpoint
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 6, again.stdout
+    export.main(["--run", str(run), "--data", str(run / "data"), "--assets", str(tmp_path / "assets"),
+                 "--sample-pages", "4", "--sample-docs", "2"])
+    saved = read_settings(tmp_path / "assets" / "reranker")
+    want = recipe.STUDENT
+    assert (saved.config.exit_layer, saved.config.band, saved.config.keep_ratio) == (
+        want["exit_layer"], want["band"], want["keep_ratio"])
+    assert saved.config.query_positions == "shared" and saved.extra["embedder"] == "../embedder"
+    rr = MiniReranker.from_pretrained(tmp_path / "assets" / "reranker")
+    assert rr.config == saved.config
+    doc = json.loads((tmp_path / "assets" / "sample_corpus" / "queries.json").read_text())
+    assert doc["queries"] and len(list((tmp_path / "assets" / "sample_corpus").glob("*.png"))) == 4
