@@ -24,7 +24,8 @@ RANDOM_BANNER = (
 
 
 def _trained():
-    """(reranker, embedder, pages, queries) from the shipped defaults, or None if they are not installed."""
+    """(reranker, embedder, pages, queries, sample accuracy) from the shipped defaults, or None if they are not
+    installed."""
     try:
         from . import defaults
     except ImportError:
@@ -35,9 +36,8 @@ def _trained():
 
     reranker = MiniReranker.from_pretrained()
     embedder = PageEmbedder.from_pretrained(defaults.DEFAULT_EMBEDDER_DIR, pixel_budget=reranker.pixel_budget)
-    corpus = Path(defaults.SAMPLE_CORPUS_DIR)
-    spec = json.loads((corpus / "queries.json").read_text())
-    pages = [Page(p, id=p.stem) for p in sorted(corpus.glob("*.png"))]
+    spec = json.loads((Path(defaults.SAMPLE_CORPUS_DIR) / "queries.json").read_text())  # queries + their accuracy
+    pages = [Page(p, id=p.stem) for p in defaults.sample_pages()]
     # The demo shows the sample queries marked "demo" (those the shipped pipeline ranks right; queries.json records
     # the pipeline's accuracy over all of them, which the demo prints too).
     shown = sorted((q for q in spec["queries"] if q.get("demo")), key=lambda q: bool(q.get("first_stage_top1")))
