@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/minirerank demo
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q  # tests/ and each integration package's tests/ (pyproject testpaths)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py

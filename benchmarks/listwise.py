@@ -1,31 +1,40 @@
-"""Listwise benchmark: seconds per query and nDCG@5 of five rerankers on the same pages, in the same run.
+"""Listwise benchmark: nDCG@5 and seconds per query of point-wise and listwise rerankers, same pages, same run.
 
-    point-wise dense      MiniReranker.dense_scores: a plain HF forward per (query, page) pair
-    point-wise mini       MiniReranker with early exit + interaction band + pruning (cache prefilled offline)
-    zip single pass k=1   ListwiseReranker (ZipRerank): windows of 20 labelled pages, one forward each
-    zip single pass k=.5  the same with QI-EI keeping half of every page's visual tokens
-    cached listwise       ListwiseReranker(mode="cached"): page band KV prefilled offline, one query pass per window
+Default: the trained models on the toy's held-out test split (documents never seen in training). Each test query's
+candidates are the first stage's top --top-k (20): the shipped ColQwen3 embedder with exact MaxSim over every test
+page (FirstStage). Then, on those candidates:
 
-Model: --model PATH (a Qwen3-VL / Qwen2-VL checkpoint); else the trained default model when it is installed
-(minirerank_core/defaults.py and its assets); else a random Qwen3-VL of a realistic-ish shape (--quick: a toy
-one). The output says which. With random weights the nDCG column is noise; only the seconds mean something.
-The default model is a point-wise (yes/no) student: mini runs with the settings it was trained with, and the
-listwise rows show how its label logits transfer untrained (a listwise-trained checkpoint is needed for more).
+    first stage           the embedder's own order
+    point-wise dense      the dense point-wise teacher (--teacher; default: the shipped DEFAULT_TEACHER_DIR):
+                          MiniReranker.dense_scores, a plain HF forward per (query, page) pair
+    point-wise mini       the shipped miniReranker student in its trained settings (cache prefilled offline)
+    zip single pass k=1   the shipped listwise student (--listwise; default DEFAULT_LISTWISE_DIR), ZipRerank's
+                          single pass (one forward over the query and the 20 labelled pages), keeping every token
+    zip single pass k=.5  the same at the keep ratio it was trained with (QI-EI), its shipped default
+    cached listwise       the same weights in the cached vision-first layout it was trained for: page band KV
+                          prefilled offline (timed separately), one query pass per window
 
-Pages: --data FILE, a JSON labelled page set (paths relative to the file):
+Seconds per query cover the reranking only (the first stage is common to all rows and reported apart); every
+reranker gets the same Candidates (pages + the first stage's maps) as `minirerank search` hands them over, and
+each runs with the settings saved in its folder. The dataset is rebuilt from its seed into --toy-data when it is
+not there (as benchmarks/quality.py does).
+
+    python benchmarks/listwise.py --toy-data /work/train_runs/data [--teacher RUN/teacher/final] [--max-queries 100]
+
+Other models (the pre-existing modes; no listwise-trained checkpoint needed):
+
+    python benchmarks/listwise.py --quick                # toy random model, a few seconds
+    python benchmarks/listwise.py --random               # realistic-ish random shape (minutes on 2 CPU cores)
+    python benchmarks/listwise.py --model CKPT --data pages.json
+
+--model PATH (a Qwen3-VL / Qwen2-VL checkpoint) or --random (--quick: a toy one); with random weights the nDCG
+column is noise, only the seconds mean something. There the same weights run all five rows (mini and cached at
+--exit / --band / --mini-keep). Pages: --data FILE, a JSON labelled page set (paths relative to the file):
     {"pages": {"page-id": "images/p1.png", ...},
      "queries": [{"query": "...", "candidates": ["page-id", ...], "relevant": ["page-id", ...]}, ...]}
-Without --data: the default model's sample corpus (its held-out pages, every page a candidate) when that model
-is used; otherwise synthetic rendered report pages (each states figures of one company and year; each query
-asks for one figure and the page stating it is relevant).
-
-Pruning maps (mini and cached listwise need one per page, as the first stage gives them): the default
-embedder's maps with the default model, else QI-EI maps from the reranker's own embeddings; computed outside
-the timed region. Offline prefill is timed separately.
-
-    python benchmarks/listwise.py --quick                # toy model, a few seconds
-    python benchmarks/listwise.py                        # realistic-ish random shape (minutes on 2 CPU cores)
-    python benchmarks/listwise.py --model CKPT --data pages.json
+without --data synthetic rendered report pages (each states figures of one company and year; each query asks for
+one figure and the page stating it is relevant). Pruning maps: QI-EI maps from the reranker's own embeddings,
+computed outside the timed region. Offline prefill is timed separately.
 """
 
 from __future__ import annotations
@@ -34,17 +43,22 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 from minirerank_core import MiniReranker, Page, RerankConfig
 from minirerank_core import testing as T
 from minirerank_core.engine.prefill import tokenize
-from minirerank_core.listwise import ListwiseConfig, ListwiseReranker
-from minirerank_core.listwise.single_pass import encode_pages, qiei_importance
+from minirerank_core.rerankers.listwise import ListwiseConfig, ListwiseReranker
+from minirerank_core.rerankers.listwise.single_pass import encode_pages, qiei_importance
 from minirerank_core.train.metrics import ndcg_at
 
 COMPANIES = ["Acme", "Borealis", "Cobalt", "Dunmore", "Elgin", "Fairway", "Granite", "Harbor", "Ivory", "Juniper"]
@@ -104,12 +118,10 @@ def sample_corpus_set(max_candidates: int):
     return pages, queries
 
 
-def default_model_dir() -> Path | None:
-    try:
-        from minirerank_core.defaults import DEFAULT_RERANKER_DIR
-    except ImportError:
-        return None
-    return DEFAULT_RERANKER_DIR if (Path(DEFAULT_RERANKER_DIR) / "config.json").exists() else None
+def default_model_dir() -> Path:
+    from minirerank_core.defaults import DEFAULT_RERANKER_DIR
+
+    return DEFAULT_RERANKER_DIR
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
@@ -117,7 +129,9 @@ def load_model(args, corpus: list[str]):
     """(model, processor, description)."""
     path = args.model or (None if args.random else default_model_dir())
     if path is not None:
-        core = MiniReranker.from_pretrained(path, RerankConfig(dtype=args.dtype), head=torch.nn.Identity())
+        from minirerank_core.rerankers import load_checkpoint
+
+        core = load_checkpoint(path, dtype=args.dtype)
         which = "the installed default model" if args.model is None else "checkpoint"
         return core.model, core.processor, f"{which} {path} (trained weights)"
     tokenizer = T.build_tokenizer(corpus=corpus, vocab_size=1024)
@@ -138,20 +152,17 @@ def load_model(args, corpus: list[str]):
     return model, processor, f"RANDOM Qwen3-VL, realistic-ish shape ({args.layers} layers, hidden 768, {n:.0f}M params): nDCG is noise"
 
 
-def embedder_maps(mini: MiniReranker, queries: list[dict], pages: dict[str, Page]) -> dict[str, dict[str, torch.Tensor]]:
-    """The first stage's query importance maps (default ColQwen3 embedder) on the reranker's grid."""
+def embedder_maps(mini: MiniReranker, queries: list[dict], pages: dict[str, Page]) -> dict[str, dict[str, object]]:
+    """The first stage's query importance maps (default ColQwen3 embedder) on the reranker's grid, per query and page."""
     from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR
-    from minirerank_core.retrieval.embedder import PageEmbedder
-    from minirerank_core.retrieval.importance import query_importances
+    from minirerank_core.retrieval import FirstStage
 
-    embedder = PageEmbedder.from_pretrained(str(DEFAULT_EMBEDDER_DIR), pixel_budget=mini.pixel_budget)
-    ids = list(pages)
-    emb = dict(zip(ids, embedder.encode_pages([pages[i] for i in ids], show_progress=False)))
+    first_stage = FirstStage.from_pretrained(DEFAULT_EMBEDDER_DIR, reranker=mini)
+    first_stage.add(list(pages.values()))
     out = {}
     for q in queries:
-        c = q["candidates"]
-        maps = query_importances(embedder.encode_query(q["query"]), [emb[i] for i in c], [mini.visual_grid(pages[i]) for i in c])
-        out[q["query"]] = dict(zip(c, maps))
+        maps = {c.page_id: c.importance for c in first_stage.candidates(q["query"], len(pages), mini)}
+        out[q["query"]] = {i: maps[i] for i in q["candidates"]}
     return out
 
 
@@ -164,28 +175,13 @@ def qiei_maps(r: ListwiseReranker, query: str, pages: list[Page]) -> list[torch.
     return [qiei_importance(q, f.embeds).cpu() for f in feats]
 
 
-# --- run -------------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint path (default: the trained default model, else a random one)")
-    p.add_argument("--random", action="store_true", help="use a random model even when a default is installed")
-    p.add_argument("--data", type=Path, help="labelled page set (JSON, see above); default: the default model's sample corpus, else synthetic")
-    p.add_argument("--quick", action="store_true", help="toy model and few pages: a few seconds")
-    p.add_argument("--queries", type=int, default=3)
-    p.add_argument("--candidates", type=int, default=30, help="per query (synthetic set; cap for the sample corpus); > 20 uses sliding windows")
-    p.add_argument("--visual-tokens", type=int, default=144, help="visual tokens per page (random model)")
-    p.add_argument("--layers", type=int, default=8, help="LM layers (random model)")
-    p.add_argument("--exit", type=int, help="exit layer of mini / cached listwise (default: 3/4 of the layers)")
-    p.add_argument("--band", type=int, nargs=2, help="interaction band (default: layers [L/4, L/2))")
-    p.add_argument("--mini-keep", type=float, default=0.5, help="keep ratio of mini and cached listwise")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
-    args = p.parse_args(argv)
+# --- run: any model -----------------------------------------------------------------------------------------------
+def generic(args):
+    """The pre-existing modes: one checkpoint (--model) or a random model runs all five rows."""
     if args.quick:
         args.queries, args.candidates, args.visual_tokens, args.layers = 2, 6, 16, 6
-    torch.set_num_threads(args.threads)
-
-    use_default = args.model is None and not args.random and default_model_dir() is not None
+        args.random = args.random or args.model is None
+    use_default = args.model is None and not args.random
     if args.data is not None:
         page_src, queries = load_set(args.data)
         data_desc = f"{args.data} ({len(queries)} queries)"
@@ -274,6 +270,160 @@ def main(argv=None):
         methods={k: {m: round(v, 4) for m, v in row.items()} for k, row in rows.items()},
     )
     print(json.dumps(summary))
+
+
+# --- run: the trained models on the toy's test split ------------------------------------------------------------------
+def toy_split(args):
+    from minirerank_core.train.data import DataSet
+
+    if not (args.toy_data / "recipe.json").exists():
+        print(f"building the toy dataset (seed 0) into {args.toy_data} ...", file=sys.stderr, flush=True)
+        from minirerank_core.train.data import build
+        from minirerank_core.train.recipe import DATA
+
+        build(args.toy_data, **DATA)
+    ds = DataSet(args.toy_data)
+    queries = ds.split_queries(args.split)
+    if args.max_queries and len(queries) > args.max_queries:
+        queries = sorted(random.Random(args.seed).sample(queries, args.max_queries), key=lambda q: q["qid"])
+    return ds, queries
+
+
+def trained(args):
+    from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_LISTWISE_DIR, DEFAULT_RERANKER_DIR, DEFAULT_TEACHER_DIR
+    from minirerank_core.engine.settings import read_settings
+    from minirerank_core.retrieval import FirstStage
+    from minirerank_core.rerankers.listwise.settings import read_listwise_settings
+    from minirerank_core.train.metrics import summarize
+
+    ldir, tdir = Path(args.listwise or DEFAULT_LISTWISE_DIR), Path(args.teacher or DEFAULT_TEACHER_DIR)
+    rdir, edir = Path(args.reranker or DEFAULT_RERANKER_DIR), Path(args.embedder or DEFAULT_EMBEDDER_DIR)
+    saved = read_listwise_settings(ldir)
+    if saved is None:
+        raise SystemExit(f"{ldir} holds no listwise-trained model (minirerank_config.json 'listwise'); pass --listwise "
+                         "DIR, or --model / --random for the untrained modes")
+    if not (tdir / "config.json").exists():
+        raise SystemExit(f"no dense teacher at {tdir}; pass --teacher RUN/teacher/final")
+    ds, queries = toy_split(args)
+    page_ids = ds.page_ids(args.split)
+    pages = {p: Page(ds.image_path(p), id=p) for p in page_ids}
+    dev = dict(device=args.device)
+
+    single_cfg = saved.config("single_pass").replace(**dev)
+    zip_half = ListwiseReranker.from_pretrained(ldir, single_cfg)
+    model, processor, tmpl = zip_half.model, zip_half.processor, zip_half.template
+    zip_full = ListwiseReranker(model, processor, single_cfg.replace(keep_ratio=1.0), template=tmpl, name=str(ldir))
+    cached = ListwiseReranker(model, processor, saved.config("cached").replace(**dev), template=tmpl, name=str(ldir))
+    mini = MiniReranker.from_pretrained(rdir, read_settings(rdir).config.replace(**dev))
+    dense = MiniReranker.from_pretrained(tdir, RerankConfig(**dev))
+    first_stage = FirstStage.from_pretrained(edir, reranker=mini, **dev)
+
+    t = time.perf_counter()
+    first_stage.add(list(pages.values()), batch_size=8, show_progress=False)
+    embed_s = (time.perf_counter() - t) / len(pages)
+    prefill = {}
+    for name, r in (("mini", mini), ("cached listwise", cached)):
+        t = time.perf_counter()
+        r.index(list(pages.values()))
+        prefill[name] = (time.perf_counter() - t) / len(pages)
+
+    methods = {
+        "point-wise dense teacher": lambda q, c: [c[j].page_id for j in sorted(
+            range(len(c)), key=lambda j, s=dense.dense_scores(q, [x.page for x in c], batch_size=4): -s[j])],
+        "point-wise mini": lambda q, c: [x.page_id for x in mini.rerank(q, c)],
+        f"zip single pass keep={zip_full.config.keep_ratio:g}": lambda q, c: [x.page_id for x in zip_full.rerank(q, c)],
+        f"zip single pass keep={zip_half.config.keep_ratio:g}": lambda q, c: [x.page_id for x in zip_half.rerank(q, c)],
+        "cached listwise": lambda q, c: [x.page_id for x in cached.rerank(q, c)],
+    }
+    warm = first_stage.candidates(queries[0]["query"], args.top_k, mini)
+    for fn in methods.values():  # warm-up (first calls allocate)
+        fn(queries[0]["query"], warm)
+    rankings = {"first stage": [], **{m: [] for m in methods}}
+    secs = {m: 0.0 for m in rankings}
+    rel, details = [], []
+    for i, q in enumerate(queries):
+        t = time.perf_counter()
+        cands = first_stage.candidates(q["query"], args.top_k, mini)  # pages + maps, as `minirerank search` hands them
+        secs["first stage"] += time.perf_counter() - t
+        rankings["first stage"].append([c.page_id for c in cands])
+        for name, fn in methods.items():  # interleaved per query: load changes on the machine hit every row alike
+            t = time.perf_counter()
+            rankings[name].append(fn(q["query"], cands))
+            secs[name] += time.perf_counter() - t
+        rel.append({q["positive"]})
+        details.append({"qid": q["qid"], **{m: r[-1][:5] for m, r in rankings.items()}})
+        if not args.quiet and (i + 1) % 20 == 0:
+            print(f"  {i + 1}/{len(queries)} queries", file=sys.stderr, flush=True)
+    n = len(queries)
+    rows = {m: {**summarize(r, rel), "seconds_per_query": secs[m] / n} for m, r in rankings.items()}
+    recall_k = sum(bool(set(r) & g) for r, g in zip(rankings["first stage"], rel)) / n
+    dense_s = rows["point-wise dense teacher"]["seconds_per_query"]
+    print(f"\n{args.split}: {n} queries over {len(pages)} pages; first stage top-{args.top_k} reranked "
+          f"(first-stage recall@{args.top_k} = {recall_k:.3f}); threads {torch.get_num_threads()}, device {args.device}")
+    print(f"listwise: {ldir} (single pass prune_by={single_cfg.prune_by}; cached exit {cached.config.exit_layer}, "
+          f"band {cached.config.band}, keep {cached.config.keep_ratio:g}); teacher: {tdir}")
+    print(f"offline per page: embed {embed_s:.3f}s, mini prefill {prefill['mini']:.3f}s, "
+          f"cached listwise prefill {prefill['cached listwise']:.3f}s")
+    print(f"{'system':28s} {'nDCG@5':>7s} {'R@1':>6s} {'R@5':>6s} {'MRR':>6s} {'s/query':>8s} {'x dense':>8s}")
+    for name, r in rows.items():
+        print(f"{name:28s} {r['ndcg5']:7.4f} {r['recall1']:6.3f} {r['recall5']:6.3f} {r['mrr']:6.3f} "
+              f"{r['seconds_per_query']:8.4f} {r['seconds_per_query'] / dense_s:8.3f}")
+    full, half = rows[f"zip single pass keep={zip_full.config.keep_ratio:g}"], rows[f"zip single pass keep={zip_half.config.keep_ratio:g}"]
+    dense_r, cach = rows["point-wise dense teacher"], rows["cached listwise"]
+    checks = {
+        "single_pass_ndcg5_minus_dense": half["ndcg5"] - dense_r["ndcg5"],
+        "single_pass_time_over_dense": half["seconds_per_query"] / dense_s,
+        "keep_half_minus_full_ndcg5": half["ndcg5"] - full["ndcg5"],
+        "keep_half_time_over_full": half["seconds_per_query"] / full["seconds_per_query"],
+        "cached_over_single_pass_ndcg5": cach["ndcg5"] / half["ndcg5"] if half["ndcg5"] else None,
+        "cached_time_over_single_pass": cach["seconds_per_query"] / half["seconds_per_query"],
+    }
+    for k, v in checks.items():
+        print(f"  {k} = {'n/a' if v is None else f'{v:.4f}'}")
+    if args.details:
+        args.details.write_text(json.dumps(details, indent=1))
+    print(json.dumps({"split": args.split, "n_queries": n, "n_pages": len(pages), "top_k": args.top_k,
+                      "recall_at_k_first_stage": recall_k, "listwise": str(ldir), "teacher": str(tdir),
+                      "listwise_configs": {m: c.to_dict() for m, c in saved.configs.items()},
+                      "offline_seconds_per_page": {"embed": embed_s, **prefill}, "methods": rows, "checks": checks,
+                      "threads": torch.get_num_threads()}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = p.add_argument_group("trained models on the toy's test split (the default)")
+    t.add_argument("--toy-data", type=Path, default=ROOT / "runs" / "data",
+                   help="the toy dataset (train.data; built from seed 0 when missing)")
+    t.add_argument("--listwise", help="listwise-trained checkpoint (default: the shipped DEFAULT_LISTWISE_DIR)")
+    t.add_argument("--teacher", help="dense point-wise teacher (default: the shipped DEFAULT_TEACHER_DIR)")
+    t.add_argument("--reranker", help="point-wise mini student (default: the shipped DEFAULT_RERANKER_DIR)")
+    t.add_argument("--embedder", help="first-stage embedder (default: the shipped DEFAULT_EMBEDDER_DIR)")
+    t.add_argument("--split", default="test", choices=["test", "val"])
+    t.add_argument("--top-k", type=int, default=20, help="first-stage candidates reranked per query")
+    t.add_argument("--max-queries", type=int, default=None, help="a seeded subset of the split's queries")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--details", type=Path, default=None, help="write per-query top-5 lists to this JSON file")
+    t.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("any checkpoint or a random model (--model / --random / --quick / --data)")
+    g.add_argument("--model", help="checkpoint path: all five rows on its weights")
+    g.add_argument("--random", action="store_true", help="a random model (nDCG is noise)")
+    g.add_argument("--data", type=Path, help="labelled page set (JSON, see above); default: synthetic pages")
+    g.add_argument("--quick", action="store_true", help="toy random model and few pages: a few seconds")
+    g.add_argument("--queries", type=int, default=3)
+    g.add_argument("--candidates", type=int, default=30, help="per query (synthetic set); > 20 uses sliding windows")
+    g.add_argument("--visual-tokens", type=int, default=144, help="visual tokens per page (random model)")
+    g.add_argument("--layers", type=int, default=8, help="LM layers (random model)")
+    g.add_argument("--exit", type=int, help="exit layer of mini / cached listwise (default: 3/4 of the layers)")
+    g.add_argument("--band", type=int, nargs=2, help="interaction band (default: layers [L/4, L/2))")
+    g.add_argument("--mini-keep", type=float, default=0.5, help="keep ratio of mini and cached listwise")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.model or args.random or args.quick or args.data:
+        return generic(args)
+    return trained(args)
 
 
 if __name__ == "__main__":

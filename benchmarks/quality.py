@@ -1,6 +1,6 @@
 """Quality of the shipped defaults on the held-out test split (documents never seen in training).
 
-    python benchmarks/quality.py --data /work/train_runs/data --teacher /work/train_runs/r1/teacher/final
+    python benchmarks/quality.py                 # shipped student, teacher and embedder; builds the data on first use
 
 (a) first stage alone: ColQwen3 embedder (DEFAULT_EMBEDDER_DIR) + PageIndex (exact MaxSim), top --top-k pages
 (b) first stage + dense teacher: MiniReranker.dense_scores (a plain HF forward of P + V + Q per pair, no cache)
@@ -11,7 +11,7 @@
 Seconds per query cover the reranking of the top-k only (the first stage is the same for (b) and (c) and is
 reported separately). For (c) the page cache is filled at index time (MiniReranker.index over the corpus, timed
 and reported per page), as in a deployment; the timed loop then runs only the online path.
-The dataset is rebuilt from its seed with --build-data if the directory does not exist yet.
+The dataset is rebuilt from its seed (the recipe's, ~5 min) into --data (default runs/data) when it is not there.
 Prints a table, then one JSON line (the last line of stdout).
 """
 
@@ -31,11 +31,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minirerank_core import MiniReranker, Page, RerankConfig  # noqa: E402
-from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_RERANKER_DIR  # noqa: E402
+from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_RERANKER_DIR, DEFAULT_TEACHER_DIR  # noqa: E402
 from minirerank_core.engine.settings import read_settings  # noqa: E402
-from minirerank_core.retrieval.embedder import PageEmbedder  # noqa: E402
-from minirerank_core.retrieval.importance import query_importances  # noqa: E402
-from minirerank_core.retrieval.index import PageIndex  # noqa: E402
+from minirerank_core.retrieval import FirstStage  # noqa: E402
 from minirerank_core.train.data import DataSet  # noqa: E402
 from minirerank_core.train.metrics import summarize  # noqa: E402
 
@@ -44,8 +42,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (args.data / "recipe.json").exists():
-        if not args.build_data:
-            raise SystemExit(f"{args.data} holds no dataset; pass --build-data to build it (the recipe's, seed 0, ~5 min)")
+        print(f"building the toy dataset (seed 0) into {args.data} ...", file=sys.stderr, flush=True)
         from minirerank_core.train.data import build
         from minirerank_core.train.recipe import DATA
 
@@ -57,17 +54,15 @@ def run(args) -> dict:
         queries = sorted(random.Random(args.seed).sample(queries, args.max_queries), key=lambda q: q["qid"])
     pages = {p: Page(ds.image_path(p), id=p) for p in page_ids}
 
-    mini_cfg = read_settings(args.reranker).config.replace(device=args.device, batch_size=args.top_k)
+    mini_cfg = read_settings(args.reranker).config.replace(device=args.device, batch_size=args.top_k,
+                                                           kv_dtype=args.kv_dtype)
     mini = MiniReranker.from_pretrained(args.reranker, config=mini_cfg)
     dense = MiniReranker.from_pretrained(args.teacher, config=RerankConfig(device=args.device))
-    embedder = PageEmbedder.from_pretrained(str(args.embedder), device=args.device, pixel_budget=mini.pixel_budget)
+    first_stage = FirstStage.from_pretrained(args.embedder, reranker=mini, device=args.device)
 
     t = time.perf_counter()
-    embs = embedder.encode_pages([pages[p] for p in page_ids], batch_size=8, show_progress=not args.quiet)
-    index = PageIndex()
-    index.add(embs)
+    first_stage.add([pages[p] for p in page_ids], batch_size=8, show_progress=not args.quiet)
     t_embed = time.perf_counter() - t
-    emb_by_id = {e.page_id: e for e in embs}
 
     t = time.perf_counter()
     mini.index([pages[p] for p in page_ids], show_progress=not args.quiet)
@@ -78,21 +73,17 @@ def run(args) -> dict:
     per_query = []
     for i, q in enumerate(queries):
         t = time.perf_counter()
-        q_emb = embedder.encode_query(q["query"])
-        hits = index.search(q_emb, k=args.top_k)
+        cands = first_stage.candidates(q["query"], args.top_k, mini)  # hits + pruning maps on the reranker's grid
         t_first += time.perf_counter() - t
-        cand = [h.page_id for h in hits]
-        cpages = [pages[p] for p in cand]
+        cand = [c.page_id for c in cands]
+        cpages = [c.page for c in cands]
 
         t = time.perf_counter()
         ds_scores = dense.dense_scores(q["query"], cpages, batch_size=args.dense_batch)
         t_dense += time.perf_counter() - t
 
         t = time.perf_counter()
-        imps = None
-        if mini.config.keep_ratio < 1.0:
-            imps = query_importances(q_emb, [emb_by_id[p] for p in cand], [mini.visual_grid(pg) for pg in cpages])
-        res = mini.rerank(q["query"], cpages, importance=imps)
+        res = mini.rerank(q["query"], cands)
         t_mini += time.perf_counter() - t
 
         first.append(cand)
@@ -132,9 +123,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("/work/train_runs/data"), help="dataset directory (train.data)")
-    ap.add_argument("--build-data", action="store_true", help="build the dataset (seed 0) if --data holds none")
-    ap.add_argument("--teacher", type=Path, required=True, help="the dense teacher (train.reranker teacher OUT/final)")
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data",
+                    help="dataset directory (train.data; built from seed 0 when missing)")
+    ap.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER_DIR, help="dense teacher dir (default: shipped)")
     ap.add_argument("--reranker", type=Path, default=DEFAULT_RERANKER_DIR, help="mini student dir (default: shipped)")
     ap.add_argument("--embedder", type=Path, default=DEFAULT_EMBEDDER_DIR, help="first-stage embedder (default: shipped)")
     ap.add_argument("--split", default="test", choices=["test", "val"])
@@ -144,6 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-batch", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kv-dtype", choices=["int8", "fp8"], default=None,
+                    help="store the student's page cache compressed (RerankConfig.kv_dtype); default: unquantized")
     ap.add_argument("--details", type=Path, default=None, help="write per-query top-5 lists to this JSON file")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

@@ -31,7 +31,16 @@ class DuplicatePageIdError(MiniRerankError, ValueError):
 
 
 class ConfigError(MiniRerankError, ValueError):
-    """A reranker setting is invalid or outside the loaded model's range."""
+    """A setting or argument is invalid (a reranker setting outside the loaded model's range, a bad top_n, ...)."""
+
+
+class InvalidImportanceError(MiniRerankError, ValueError):
+    """A pruning importance map is not finite, or its shape does not match the page's visual grid."""
+
+
+class ModelNotFoundError(ConfigError, OSError):
+    """A checkpoint path or hub id names nothing loadable: no such local directory, and the hub id cannot be
+    fetched (offline and not cached, no such repository, no access), or a PEFT adapter's base cannot be found."""
 
 
 class UnsupportedModelError(MiniRerankError, ValueError):
@@ -49,5 +58,41 @@ class IndexStateError(MiniRerankError, RuntimeError):
     """A retrieval index on disk is missing, corrupt or of an unknown format version."""
 
 
+class DiskFullError(MiniRerankError, OSError):
+    """A write failed for lack of space; the previous state is intact and no temporary files are left."""
+
+
+class LockTimeoutError(MiniRerankError, TimeoutError):
+    """Another process holds the writer lock of an index or workspace for longer than the timeout."""
+
+
 class PdfError(InvalidImageError):
     """A PDF cannot be rendered: encrypted, corrupt or without pages."""
+
+
+class MiniRerankWarning(UserWarning):
+    """Base class of minirerank's warnings."""
+
+
+class UnprunedWarning(MiniRerankWarning):
+    """A pruning reranker got candidates without first-stage importance maps and attends to every visual token."""
+
+
+class MissingImageWarning(MiniRerankWarning):
+    """A candidate without a readable page image was skipped (on_missing_image="skip")."""
+
+
+class QueryTruncatedWarning(MiniRerankWarning):
+    """A query over the token limit was cut to it (query_overflow="truncate")."""
+
+
+class CacheDiskWarning(MiniRerankWarning):
+    """The disk page cache could not be written (full, read-only, not a directory); pages stay in memory."""
+
+
+class IndexMergeWarning(MiniRerankWarning):
+    """Pages were added, but merging the index's segments afterwards failed (retried on the next change)."""
+
+
+class ToyModelWarning(MiniRerankWarning):
+    """The shipped default models are serving pages: they read only their own toy layout (said once per process)."""

@@ -68,26 +68,17 @@ def test_models_load_offline_with_plain_transformers(monkeypatch):
 def test_shipped_pipeline_scores_the_sample_corpus_as_recorded(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from minirerank_core import Page
-    from minirerank_core.retrieval.embedder import PageEmbedder
-    from minirerank_core.retrieval.importance import query_importances
-    from minirerank_core.retrieval.index import PageIndex
+    from minirerank_core.retrieval import FirstStage
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     mini = MiniReranker.from_pretrained()
-    embedder = PageEmbedder.from_pretrained(str(defaults.DEFAULT_EMBEDDER_DIR), pixel_budget=mini.pixel_budget)
-    pages = [Page(p, id=p.stem) for p in defaults.sample_pages()]
-    by_id = {p.id: p for p in pages}
-    embs = embedder.encode_pages(pages, show_progress=False)
-    emb_by_id = {e.page_id: e for e in embs}
-    index = PageIndex()
-    index.add(embs)
+    first_stage = FirstStage.from_pretrained(defaults.DEFAULT_EMBEDDER_DIR, reranker=mini)
+    first_stage.add([Page(p, id=p.stem) for p in defaults.sample_pages()])
     doc = json.loads((defaults.SAMPLE_CORPUS_DIR / "queries.json").read_text())
     top_k = doc["accuracy"]["top_k"]
     for q in doc["queries"]:
-        q_emb = embedder.encode_query(q["query"])
-        cand = [h.page_id for h in index.search(q_emb, k=top_k)]
-        assert (cand[0] in q["relevant"]) == q["first_stage_top1"]
-        imps = query_importances(q_emb, [emb_by_id[c] for c in cand], [mini.visual_grid(by_id[c]) for c in cand])
-        res = mini.rerank(q["query"], [by_id[c] for c in cand], importance=imps)
+        cands = first_stage.candidates(q["query"], top_k, mini)
+        assert (cands[0].page_id in q["relevant"]) == q["first_stage_top1"]
+        res = mini.rerank(q["query"], cands)
         assert all(r.score == r.score for r in res)  # finite
         assert (res[0].page_id in q["relevant"]) == q["mini_top1"], q["query"]

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -24,21 +23,16 @@ from typing import Any, Protocol, runtime_checkable
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 import torch
 
-from minirerank_core.errors import CacheCorruptError, ConfigError
+from minirerank_core.errors import CacheCorruptError, CacheDiskWarning, ConfigError
+from minirerank_core.fileio import TMP_SUFFIX, canonical_json, format_tag, write_bytes
 
 logger = logging.getLogger("minirerank.cache")
 
-FORMAT = "minirerank-kv/1"
+FORMAT = format_tag("kv", 2)  # 2: the checksum covers the header metadata too
 _SUFFIX = ".safetensors"
-_TMP_SUFFIX = ".tmp"
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _ENTRY_OVERHEAD = 128  # bookkeeping bytes charged per entry, so empty entries still count against the bound
 _MAX_HEADER = 100 * 1024 * 1024  # a larger safetensors header can only be corruption
-
-
-def _canonical_json(obj: Any) -> str:
-    # One spelling per value: the digest must be identical in every process and Python version.
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +65,7 @@ class CacheKey:
     @property
     def _canonical(self) -> str:
         """Canonical JSON of the three fields: the on-disk "key" header and the digest input."""
-        return _canonical_json(
+        return canonical_json(
             {"image_hash": self.image_hash, "model_fingerprint": self.model_fingerprint, "settings": self.settings}
         )
 
@@ -185,15 +179,18 @@ class MemoryStore:
 # --------------------------------------------------------------------------- disk
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """blake2b over name, dtype, shape and raw bytes of each tensor in sorted-name order.
+def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> str:
+    """blake2b over the header metadata (format, key, meta) and the name, dtype, shape and raw bytes of each
+    tensor in sorted-name order.
 
-    Names/dtypes/shapes are included so a header bit flip that keeps byte sizes (F32 -> I32) is caught.
+    The metadata is covered so an edited field (say ``next_position``) is caught, not scored; names, dtypes and
+    shapes so a header bit flip that keeps byte sizes (F32 -> I32) is caught.
     """
     h = hashlib.blake2b(digest_size=32)
+    h.update(canonical_json({k: header[k] for k in ("format", "key", "meta")}).encode("ascii"))
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        h.update(_canonical_json([name, str(t.dtype), list(t.shape)]).encode("ascii"))
+        h.update(canonical_json([name, str(t.dtype), list(t.shape)]).encode("ascii"))
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # byte view works for every dtype incl. bfloat16
     return h.hexdigest()
 
@@ -244,9 +241,47 @@ def _parse_entry(data: bytes, where: str) -> tuple[dict[str, Any], CacheEntry]:
         tensors = load_safetensors(data)  # copies out of `data`: no mmap, no pickle
     except Exception as exc:  # safetensors raises its own error types; all mean "corrupt"
         raise CacheCorruptError(f"{where}: corrupt cache file ({type(exc).__name__}: {exc})") from exc
-    if _checksum(tensors) != checksum:
-        raise CacheCorruptError(f"{where}: checksum mismatch, tensor data is corrupt")
+    if _checksum(tensors, meta_strs) != checksum:
+        raise CacheCorruptError(f"{where}: checksum mismatch, the file was corrupted or edited")
     return fields, CacheEntry(tensors=tensors, meta=meta)
+
+
+def encode_entry(key: CacheKey, entry: CacheEntry) -> bytes:
+    """The bytes of one cache file: safetensors with the format tag, key, meta and checksum in its header. Every
+    store (DiskStore, FsspecStore) writes exactly these bytes, so a file can move between them."""
+    tensors = _prepare(entry.tensors)
+    try:
+        meta_json = canonical_json(entry.meta)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"CacheEntry.meta must be JSON-serialisable: {exc}") from exc
+    metadata = {"format": FORMAT, "key": key._canonical, "meta": meta_json}
+    metadata["checksum"] = _checksum(tensors, metadata)
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def decode_entry(data: bytes, key: CacheKey, where: str) -> CacheEntry:
+    """The entry in ``data`` if it is a valid cache file written for ``key``; else CacheCorruptError."""
+    fields, entry = _parse_entry(data, where)
+    if fields != json.loads(key._canonical):
+        raise CacheCorruptError(f"{where}: stale cache file written for another key {fields!r}")
+    return entry
+
+
+def entry_name(key: CacheKey) -> str:
+    """Where an entry lives below a store's root: ``<digest[:2]>/<digest>.safetensors`` (content addressed)."""
+    digest = key.digest
+    return f"{digest[:2]}/{digest}{_SUFFIX}"
+
+
+def is_entry_name(shard: str, name: str) -> bool:
+    """Whether ``shard/name`` is an entry file this layout owns."""
+    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else ""
+    return bool(_DIGEST_RE.fullmatch(stem)) and stem[:2] == shard
+
+
+def is_temp_entry_name(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an entry's writer (``.<digest>.<...>.tmp``)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX) and bool(_DIGEST_RE.fullmatch(name[1:65]))
 
 
 def read_entry(path: str | Path) -> tuple[dict[str, Any], CacheEntry]:
@@ -288,36 +323,17 @@ class DiskStore:
         except OSError as exc:
             return self._reject(path, None, f"unreadable cache file ({exc})")
         try:
-            fields, entry = _parse_entry(data, str(path))
+            entry = decode_entry(data, key, str(path))
         except CacheCorruptError as exc:
             return self._reject(path, st, str(exc))
-        if fields != json.loads(key._canonical):
-            return self._reject(path, st, f"{path}: stale cache file written for another key {fields!r}")
         self._count("hits")
         return entry
 
     def put(self, key: CacheKey, entry: CacheEntry) -> None:
-        tensors = _prepare(entry.tensors)
-        try:
-            meta_json = _canonical_json(entry.meta)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"CacheEntry.meta must be JSON-serialisable: {exc}") from exc
-        metadata = {"format": FORMAT, "key": key._canonical, "meta": meta_json, "checksum": _checksum(tensors)}
-        data = save_safetensors(tensors, metadata=metadata)
+        data = encode_entry(key, entry)
         final = self.path_for(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        # Same directory, so os.replace is a rename within one filesystem (atomic); unique per writer.
-        tmp = final.parent / f".{final.stem}.{os.getpid()}.{secrets.token_hex(8)}{_TMP_SUFFIX}"
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # data durable before the name points at it
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(final.parent)  # make the rename itself durable
+        write_bytes(final, data)  # atomic: temp file in the shard, fsync, rename; no debris on failure
         self._count("writes")
 
     def __contains__(self, key: object) -> bool:
@@ -353,7 +369,7 @@ class DiskStore:
         cutoff = time.time() - max_age_s
         removed = 0
         for path in self._owned_files():
-            if not path.name.endswith(_TMP_SUFFIX):
+            if not path.name.endswith(TMP_SUFFIX):
                 continue
             try:
                 if path.stat().st_mtime <= cutoff:
@@ -377,12 +393,7 @@ class DiskStore:
             except FileNotFoundError:
                 continue  # removed by someone else meanwhile
             for p in names:
-                name = p.name
-                if name.endswith(_SUFFIX):
-                    stem = name[: -len(_SUFFIX)]
-                    if _DIGEST_RE.fullmatch(stem) and stem[:2] == shard.name:
-                        out.append(p)
-                elif name.startswith(".") and name.endswith(_TMP_SUFFIX) and _DIGEST_RE.fullmatch(name[1:65]):
+                if is_entry_name(shard.name, p.name) or is_temp_entry_name(p.name):
                     out.append(p)
         return out
 
@@ -410,28 +421,48 @@ def _is_shard(path: Path) -> bool:
     return len(path.name) == 2 and all(c in "0123456789abcdef" for c in path.name) and path.is_dir()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows cannot open directories; the rename is still atomic there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
 
 # --------------------------------------------------------------------------- tiered
 
 
-class TieredStore:
-    """Memory in front of (optional) disk: get promotes disk hits into memory, put writes both."""
+def _warn_disk(message: str) -> None:
+    import warnings
 
-    def __init__(self, memory: MemoryStore, disk: DiskStore | None = None) -> None:
+    logger.warning("minirerank: %s", message)
+    warnings.warn(f"minirerank: {message}", CacheDiskWarning, stacklevel=4)
+
+
+class CacheRemoteWarning(CacheDiskWarning):
+    """The shared (fsspec) page cache cannot be written; pages stay in the local tiers."""
+
+
+class TieredStore:
+    """Memory in front of (optional) disk in front of an (optional) shared remote store (FsspecStore).
+
+    get() asks memory, then disk, then remote, and copies a hit into the tiers in front of it; put() writes the
+    remote first (so other machines see the page), then disk and memory. The disk and the remote are accelerators,
+    never requirements: when one cannot be written (full, read-only, offline) the entry is kept in the other tiers,
+    one warning (CacheDiskWarning, or its subclass CacheRemoteWarning) says so, and later puts stop trying that tier
+    (reads still use it).
+    """
+
+    def __init__(self, memory: MemoryStore, disk: DiskStore | None = None, remote: CacheStore | None = None) -> None:
         self.memory = memory
         self.disk = disk
+        self.remote = remote
+        self.disk_writable = disk is not None
+        self.remote_writable = remote is not None
+
+    @classmethod
+    def with_disk(cls, memory: MemoryStore, root: str | Path | None, *, remote: CacheStore | None = None) -> TieredStore:
+        """A tier over ``root`` (None: memory only); a root that cannot be created falls back to memory."""
+        if root is None:
+            return cls(memory, remote=remote)
+        try:
+            return cls(memory, DiskStore(root), remote)
+        except OSError as exc:
+            _warn_disk(f"the page cache directory {root} cannot be used ({exc}); caching in memory only")
+            return cls(memory, remote=remote)
 
     def get(self, key: CacheKey) -> CacheEntry | None:
         entry = self.memory.get(key)
@@ -439,26 +470,56 @@ class TieredStore:
             entry = self.disk.get(key)
             if entry is not None:
                 self.memory.put(key, entry)
+        if entry is None and self.remote is not None:
+            entry = self.remote.get(key)
+            if entry is not None:
+                self._put_disk(key, entry)
+                self.memory.put(key, entry)
         return entry
 
     def put(self, key: CacheKey, entry: CacheEntry) -> None:
-        if self.disk is not None:
-            self.disk.put(key, entry)  # disk first: if it fails, memory does not hold an unpersisted value
+        if self.remote is not None and self.remote_writable:
+            try:
+                self.remote.put(key, entry)
+            except OSError as exc:
+                self.remote_writable = False
+                logger.warning("minirerank: cannot write the shared page cache %s (%s)", self.remote, exc)
+                import warnings
+
+                warnings.warn(f"minirerank: cannot write the shared page cache {self.remote} ({exc}); keeping pages in "
+                              "the local tiers from now on", CacheRemoteWarning, stacklevel=3)
+        self._put_disk(key, entry)
         self.memory.put(key, entry)
 
+    def _put_disk(self, key: CacheKey, entry: CacheEntry) -> None:
+        if self.disk is not None and self.disk_writable:
+            try:
+                self.disk.put(key, entry)
+            except OSError as exc:
+                self.disk_writable = False
+                _warn_disk(f"cannot write the page cache under {self.disk.root} ({exc}); keeping pages in memory "
+                           "from now on")
+
     def __contains__(self, key: object) -> bool:
-        return key in self.memory or (self.disk is not None and key in self.disk)
+        return (key in self.memory or (self.disk is not None and key in self.disk)
+                or (self.remote is not None and key in self.remote))
 
     def delete(self, key: CacheKey) -> None:
         self.memory.delete(key)
         if self.disk is not None:
             self.disk.delete(key)
+        if self.remote is not None:
+            self.remote.delete(key)
 
     def clear(self) -> None:
         self.memory.clear()
         if self.disk is not None:
             self.disk.clear()
+        if self.remote is not None:
+            self.remote.clear()
 
     def __len__(self) -> int:
-        """Entries on disk (a superset of memory after put), or in memory when there is no disk."""
+        """Entries in the remote (a superset of the local tiers after put), else on disk, else in memory."""
+        if self.remote is not None:
+            return len(self.remote)
         return len(self.disk) if self.disk is not None else len(self.memory)

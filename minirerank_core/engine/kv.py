@@ -7,6 +7,50 @@ from dataclasses import dataclass
 import torch
 
 KV_FORMAT = "minirerank-pagekv/1"
+# Quantized entries carry another tag, so a reader that predates quantization refuses them instead of scoring
+# int8 codes as if they were keys.
+QUANT_KV_FORMAT = "minirerank-pagekv-q/1"
+
+# Compressed page caches. Each stored K/V element becomes one byte plus a float32 scale per group; the grouping was
+# chosen by measurement on the shipped student (benchmarks/cache.py, docs/DESIGN.md section 4). int8: keys per
+# channel (a scale per layer, head and head-dim channel over the page's rows: a fixed-step code needs each channel's
+# own range), values per token (per layer, head and row): the best rank agreement. fp8: both per token: its
+# exponent already covers a channel's range, and a scale per row was better on every measure.
+KV_DTYPES = ("int8", "fp8")
+KV_SCALE_AXES: dict[str, tuple[str, str]] = {"int8": ("channel", "token"), "fp8": ("token", "token")}
+_STORAGE = {"int8": torch.int8, "fp8": getattr(torch, "float8_e4m3fn", None)}
+_QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code magnitude: symmetric int8, float8 e4m3fn's finite max
+
+
+def fp8_supported() -> bool:
+    """Whether this torch has float8 e4m3 tensors (casts work on CPU and GPU from torch 2.1)."""
+    return _STORAGE["fp8"] is not None
+
+
+def quantize(x: torch.Tensor, kv_dtype: str, axis: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of ``x`` (n_band_layers, n_kv_heads, T, head_dim) to one byte per element.
+
+    ``axis``: "token" (one scale per row, shape (..., T, 1)) or "channel" (one per head-dim channel over the rows,
+    shape (..., 1, head_dim)). Returns (codes, float32 scales); ``codes * scales`` approximates ``x``.
+    """
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    storage = _STORAGE[kv_dtype]
+    if storage is None:
+        raise ValueError("kv_dtype='fp8' needs torch.float8_e4m3fn (torch >= 2.1)")
+    dim = {"token": -1, "channel": -2}[axis]
+    xf = x.float()
+    qmax = _QMAX[kv_dtype]
+    scale = xf.abs().amax(dim=dim, keepdim=True) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale decodes to zeros
+    y = (xf / scale).clamp_(-qmax, qmax)  # division can round a hair past qmax; e4m3fn has no inf to absorb it
+    codes = y.round_().to(storage) if kv_dtype == "int8" else y.to(storage)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 values of quantized ``codes`` with their (broadcastable) ``scale``."""
+    return codes.to(torch.float32) * scale.to(codes.device, torch.float32)
 
 
 @dataclass
@@ -15,6 +59,9 @@ class PageKV:
 
     Rows are [vision_start, kept visual tokens..., vision_end]; keys already carry their rotary positions, so
     gathering a subset of rows keeps each token's original position.
+
+    Quantized (``kv_dtype`` "int8" or "fp8"): ``k`` / ``v`` hold one-byte codes and ``k_scale`` / ``v_scale``
+    their float32 scales (see :func:`quantize`); :meth:`rows` decodes the rows a query sees.
     """
 
     k: torch.Tensor  # (n_band_layers, n_kv_heads, T, head_dim)
@@ -23,6 +70,9 @@ class PageKV:
     grid: tuple[int, int]  # merged visual-token grid (h, w) of the page in this model
     next_position: int  # M-RoPE position of the first token after V (where an exact-position query starts)
     band: tuple[int, int]
+    kv_dtype: str | None = None  # None: k and v are the model's own values, unchanged
+    k_scale: torch.Tensor | None = None  # (nb, kvh, 1, d) per channel or (nb, kvh, T, 1) per token
+    v_scale: torch.Tensor | None = None
 
     @property
     def n_visual(self) -> int:
@@ -30,23 +80,65 @@ class PageKV:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2 + self.visual_index.numel() * 8
+        scales = sum(s.numel() * s.element_size() for s in (self.k_scale, self.v_scale) if s is not None)
+        return self.k.numel() * self.k.element_size() * 2 + self.visual_index.numel() * 8 + scales
+
+    def quantized(self, kv_dtype: str, axes: tuple[str, str] | None = None) -> "PageKV":
+        """This page's KV compressed to ``kv_dtype``; ``axes`` (key axis, value axis) defaults to KV_SCALE_AXES
+        (other groupings are for measuring: the cache key names only the default)."""
+        if self.kv_dtype is not None:
+            raise ValueError(f"this page KV is already quantized ({self.kv_dtype})")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        k_axis, v_axis = axes or KV_SCALE_AXES[kv_dtype]
+        k, ks = quantize(self.k, kv_dtype, k_axis)
+        v, vs = quantize(self.v, kv_dtype, v_axis)
+        return PageKV(k, v, self.visual_index, self.grid, self.next_position, self.band, kv_dtype, ks, vs)
+
+    def rows(self, r: torch.Tensor, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows ``r`` as ``dtype`` on ``device`` (decoded there: one byte per element moves)."""
+        if self.kv_dtype is None:
+            return self.k[:, :, r].to(device, dtype), self.v[:, :, r].to(device, dtype)
+        out = []
+        for codes, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            s = scale if scale.shape[2] == 1 else scale[:, :, r]  # per-channel scales cover every row
+            picked = codes.view(torch.uint8)[:, :, r].view(codes.dtype)  # CPU cannot index float8 directly
+            out.append(dequantize(picked.to(device), s.to(device)).to(dtype))
+        return out[0], out[1]
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {"k": self.k.contiguous(), "v": self.v.contiguous(), "visual_index": self.visual_index.contiguous()}
         meta = {"format": KV_FORMAT, "grid": list(self.grid), "next_position": self.next_position, "band": list(self.band)}
+        if self.kv_dtype is not None:
+            tensors.update(k_scale=self.k_scale.contiguous(), v_scale=self.v_scale.contiguous())
+            meta.update(format=QUANT_KV_FORMAT, kv_dtype=self.kv_dtype)
         return tensors, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "PageKV":
-        if meta.get("format") != KV_FORMAT:
-            raise ValueError(f"unknown page KV format {meta.get('format')!r}")
+        fmt = meta.get("format")
+        if fmt not in (KV_FORMAT, QUANT_KV_FORMAT):
+            raise ValueError(f"unknown page KV format {fmt!r}")
+        kv_dtype = meta.get("kv_dtype") if fmt == QUANT_KV_FORMAT else None
+        if fmt == QUANT_KV_FORMAT and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r} in a quantized page KV")
         kv = cls(
             k=tensors["k"], v=tensors["v"], visual_index=tensors["visual_index"],
             grid=tuple(meta["grid"]), next_position=int(meta["next_position"]), band=tuple(meta["band"]),
+            kv_dtype=kv_dtype, k_scale=tensors.get("k_scale") if kv_dtype else None,
+            v_scale=tensors.get("v_scale") if kv_dtype else None,
         )
         if kv.k.shape != kv.v.shape or kv.k.shape[2] != kv.n_visual + 2 or kv.k.shape[0] != kv.band[1] - kv.band[0]:
             raise ValueError(f"inconsistent page KV shapes: k {tuple(kv.k.shape)}, visual rows {kv.n_visual}, band {kv.band}")
+        if kv_dtype is not None:
+            nb, kvh, T, d = kv.k.shape
+            if kv.k.dtype != _STORAGE[kv_dtype] or kv.v.dtype != kv.k.dtype:
+                raise ValueError(f"a {kv_dtype} page KV holds {kv.k.dtype} codes")
+            for name, s in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
+                if s is None or s.dtype != torch.float32 or tuple(s.shape) not in ((nb, kvh, T, 1), (nb, kvh, 1, d)):
+                    raise ValueError(f"a {kv_dtype} page KV has a missing or misshapen {name}")
+        elif any(n in tensors for n in ("k_scale", "v_scale")):
+            raise ValueError("an unquantized page KV carries quantization scales")
         return kv
 
 

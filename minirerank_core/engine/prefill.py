@@ -20,7 +20,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def query_ids(tokenizer, template: PromptTemplate, query: str) -> torch.Tensor:
-    return tokenize(tokenizer, template.query.format(query=query))
+    """The query segment Q's ids: the template's query text, then its suffix ids (jina-reranker-m0's score token)."""
+    return template.query_ids(tokenizer, query)
 
 
 def text_positions(start: int | torch.Tensor, length: int, device=None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Two references the fast path is checked against.
 
 dense_scores: what a plain `transformers` user computes — the processor builds P ⊕ V ⊕ Q, the HF model runs
-    the whole sequence, the head reads the last token. One forward per (query, page) pair, batched.
+    the whole sequence, the head reads the last token. One forward per (query, page) pair, batched. It takes any
+    template with `full_text` (a query-first one too: it is the only exact way to score those) and appends the
+    template's `suffix_ids` the way jina-reranker-m0's own code appends its score token.
 masked_scores: the full sequence through every layer up to the exit, with an explicit per-layer attention mask
     that encodes the sparse semantics (Q cannot see V outside the band; Q cannot see pruned V). It shares no
     caching, gathering, padding or per-offset sharing with the fast path.
@@ -13,19 +15,36 @@ import torch
 
 from .families import FamilyAdapter
 from .kv import PastKV, additive_mask, causal, run_layers
-from .prompt import PromptTemplate
+from .prompt import PromptTemplate, QueryFirstTemplate
 from .prefill import text_positions
 
 
+def append_suffix(inputs, suffix_ids: tuple[int, ...]):
+    """Append token ids after every row of a left-padded processor batch (ids, mask 1, text type 0)."""
+    if not suffix_ids:
+        return inputs
+    n = inputs["input_ids"].shape[0]
+    extra = torch.tensor(suffix_ids, dtype=inputs["input_ids"].dtype).expand(n, -1)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra, dtype=inputs["attention_mask"].dtype)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        inputs["mm_token_type_ids"] = torch.cat([types, torch.zeros(n, len(suffix_ids), dtype=types.dtype)], dim=1)
+    return inputs
+
+
 @torch.no_grad()
-def dense_scores(model, processor, template: PromptTemplate, head, query: str, images: list, batch_size: int = 8) -> torch.Tensor:
+def dense_scores(model, processor, template: PromptTemplate | QueryFirstTemplate, head, query: str, images: list,
+                 batch_size: int = 8) -> torch.Tensor:
     scores = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        inputs = processor(text=[template.full_text(query)] * len(chunk), images=chunk, padding=True, return_tensors="pt")
-        inputs = inputs.to(model.device)
+        # Left padding whatever the tokenizer was saved with: the last column is every row's last real token.
+        inputs = processor(text=[template.full_text(query)] * len(chunk), images=chunk, padding=True,
+                           padding_side="left", return_tensors="pt")
+        inputs = append_suffix(inputs, template.suffix_ids).to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.model(**inputs)  # left padding: the last column is every row's last real token
+        out = model.model(**inputs)
         scores.append(head(out.last_hidden_state[:, -1]))
     return torch.cat(scores)
 
@@ -47,7 +66,8 @@ def masked_scores(
 ) -> float:
     """Score of one page under the sparse semantics, by brute force. index_keep / query_keep: grid indices of
     the visual tokens kept before prefill / visible to the query (None = all)."""
-    inputs = processor(text=[template.full_text(query)], images=[image], return_tensors="pt")
+    inputs = append_suffix(processor(text=[template.full_text(query)], images=[image], return_tensors="pt"),
+                           template.suffix_ids)
     ids = inputs["input_ids"][0].to(adapter.device)
     grid_thw = inputs["image_grid_thw"].to(adapter.device)
     feats = adapter.encode_image(inputs["pixel_values"].to(adapter.device, adapter.dtype), grid_thw)[0]

@@ -79,8 +79,11 @@ def score_cached(
     valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)
     for i, (kv, r) in enumerate(zip(kvs, rows)):
         n = len(r)
-        band_k[:, i, :, :n] = kv.k[:, :, r].to(device, dtype)
-        band_v[:, i, :, :n] = kv.v[:, :, r].to(device, dtype)
+        if kv.kv_dtype is None:
+            band_k[:, i, :, :n] = kv.k[:, :, r].to(device, dtype)
+            band_v[:, i, :, :n] = kv.v[:, :, r].to(device, dtype)
+        else:  # a compressed cache: decode only the kept rows, on the device
+            band_k[:, i, :, :n], band_v[:, i, :, :n] = kv.rows(r, device, dtype)
         valid[i, :n] = True
 
     p_cols = torch.ones(B, Tq, P, dtype=torch.bool, device=device)

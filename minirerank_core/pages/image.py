@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageTooLargeError, InvalidImageError
+from ..validation import check_positive_int
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -35,6 +36,7 @@ __all__ = [
 
 #: Decompression-bomb guard: an A4 page at 600 dpi is ~35 M pixels, so 64 M leaves headroom for real pages.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 200  # Qwen-VL image processors refuse longer/shorter sides beyond this ratio
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image]
 
@@ -79,16 +81,17 @@ def _os_error_reason(exc: OSError) -> str:
     return f"cannot read file ({exc.strerror or exc})"
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_pixels(size: tuple[int, int], max_image_pixels: int, name: str) -> None:
+def check_image_size(size: tuple[int, int], max_image_pixels: int, name: str) -> None:
+    """A page the models can take: not empty, aspect ratio at most MAX_ASPECT_RATIO, at most max_image_pixels."""
     width, height = size
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"{name}: image has an empty size {width}x{height}")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise InvalidImageError(
+            f"{name}: image is {width}x{height}, an aspect ratio of {ratio:.0f}; the vision models take at most "
+            f"{MAX_ASPECT_RATIO} (crop or split it into pages)"
+        )
     if width * height > max_image_pixels:
         raise ImageTooLargeError(
             f"{name}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
@@ -127,11 +130,11 @@ def load_image(source: ImageSource, *, max_image_pixels: int = DEFAULT_MAX_IMAGE
     (missing, directory, empty, truncated, corrupt, unsupported) raises InvalidImageError naming the source.
     Multi-frame images (GIF, TIFF, ...) yield their first frame.
     """
-    _check_positive_int("max_image_pixels", max_image_pixels)
+    check_positive_int("max_image_pixels", max_image_pixels)
     name = _describe_source(source)
 
     if isinstance(source, Image.Image):
-        _check_pixels(source.size, max_image_pixels, name)
+        check_image_size(source.size, max_image_pixels, name)
         return to_rgb(_decode(source, name, max_image_pixels))
 
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -170,7 +173,7 @@ def _open_and_decode(fp: IO[bytes], name: str, max_image_pixels: int) -> Image.I
     except Exception as exc:  # plugins raise a zoo of types on corrupt headers
         raise InvalidImageError(f"{name}: cannot read image header ({exc})") from exc
     with img:
-        _check_pixels(img.size, max_image_pixels, name)
+        check_image_size(img.size, max_image_pixels, name)
         decoded = _decode(img, name, max_image_pixels)
     return to_rgb(decoded)
 
@@ -250,11 +253,11 @@ def smart_resize(
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     for arg, value in (("factor", factor), ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        _check_positive_int(arg, value)
+        check_positive_int(arg, value)
     ratio = max(height, width) / min(height, width)
-    if ratio > 200:
+    if ratio > MAX_ASPECT_RATIO:
         raise InvalidImageError(
-            f"image {width}x{height} has an aspect ratio of {ratio:.1f}; at most 200 is supported"
+            f"image {width}x{height} has an aspect ratio of {ratio:.1f}; at most {MAX_ASPECT_RATIO} is supported"
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -277,8 +280,8 @@ class PixelBudget:
     min_pixels: int = 56 * 56
 
     def __post_init__(self) -> None:
-        _check_positive_int("max_pixels", self.max_pixels)
-        _check_positive_int("min_pixels", self.min_pixels)
+        check_positive_int("max_pixels", self.max_pixels)
+        check_positive_int("min_pixels", self.min_pixels)
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})"
@@ -289,17 +292,17 @@ class PixelBudget:
         cls, max_visual_tokens: int, *, patch_size: int, merge_size: int = 2
     ) -> PixelBudget:
         """Budget of at most ``max_visual_tokens`` merged visual tokens per page."""
-        _check_positive_int("max_visual_tokens", max_visual_tokens)
-        _check_positive_int("patch_size", patch_size)
-        _check_positive_int("merge_size", merge_size)
+        check_positive_int("max_visual_tokens", max_visual_tokens)
+        check_positive_int("patch_size", patch_size)
+        check_positive_int("merge_size", merge_size)
         max_pixels = max_visual_tokens * (patch_size * merge_size) ** 2
         # Keep the default floor unless the budget itself is below it (tiny budgets stay valid).
         return cls(max_pixels=max_pixels, min_pixels=min(56 * 56, max_pixels))
 
     def visual_tokens(self, height: int, width: int, *, patch_size: int, merge_size: int = 2) -> int:
         """Merged visual tokens an image of ``height`` x ``width`` costs after resizing into this budget."""
-        _check_positive_int("patch_size", patch_size)
-        _check_positive_int("merge_size", merge_size)
+        check_positive_int("patch_size", patch_size)
+        check_positive_int("merge_size", merge_size)
         factor = patch_size * merge_size
         h, w = smart_resize(
             height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels

@@ -29,7 +29,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import InvalidImageError, PdfError
-from .image import DEFAULT_MAX_IMAGE_PIXELS, PixelBudget, load_image
+from ..fileio import write_bytes
+from .image import DEFAULT_MAX_IMAGE_PIXELS, PixelBudget, check_image_size, load_image
 from .page import Page
 
 __all__ = ["IMAGE_EXTENSIONS", "Duplicate", "IngestError", "IngestReport", "ingest", "reload_page", "render_pdf"]
@@ -134,6 +135,9 @@ def render_pdf(
             raise PdfError(f"{name}: empty file (0 bytes)")
     except OSError as exc:
         raise PdfError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    # PDFium's last error is global and only set on some failures (not for an empty page tree): make it a
+    # known value first (a missing file: FPDF_ERR_FILE), so a stale error of another document never shows here.
+    pdfium_c.FPDF_LoadDocument(b"/nonexistent/minirerank-reset-pdfium-error", None)
     try:
         pdf = pdfium.PdfDocument(name)
     except pdfium.PdfiumError as exc:
@@ -142,7 +146,7 @@ def render_pdf(
             raise PdfError(f"{name}: PDF is encrypted and needs a password; decrypt it first") from exc
         if code == pdfium_c.FPDF_ERR_SECURITY:
             raise PdfError(f"{name}: PDF uses an unsupported security handler") from exc
-        if code == pdfium_c.FPDF_ERR_SUCCESS:  # PDFium refuses a document with an empty page tree this way
+        if code in (pdfium_c.FPDF_ERR_SUCCESS, pdfium_c.FPDF_ERR_FILE):  # no error set: an empty page tree
             raise PdfError(f"{name}: PDF has no pages") from exc
         if code == pdfium_c.FPDF_ERR_FORMAT:
             raise PdfError(f"{name}: not a valid PDF (corrupt or truncated)") from exc
@@ -163,6 +167,9 @@ def render_pdf(
                     image: Image.Image | Exception = page.render(scale=scale).to_pil().convert("RGB")
                 finally:
                     page.close()
+                check_image_size(image.size, max_image_pixels, f"{name}: page {i + 1}")
+            except InvalidImageError as exc:  # e.g. a strip of a page the vision models cannot take
+                image = exc
             except Exception as exc:  # one bad page (broken content stream...) must not sink the document
                 image = PdfError(f"{name}: page {i + 1} cannot be rendered ({exc})")
             yield i + 1, count, image
@@ -261,7 +268,7 @@ def _ingest_pdf(path, dpi, budget, out_dir, max_image_pixels, seen, report) -> N
             page_id = f"{doc}-p{number:04d}-{page.content_hash[:12]}"
             if out_dir is not None and page.content_hash not in seen:
                 file = out_dir / f"{page_id}.png"
-                _write_atomic(file, png)
+                write_bytes(file, png)
                 meta["image_path"] = os.path.abspath(file)
                 page = Page.from_path(file, id=page_id, metadata=meta, max_image_pixels=max_image_pixels)
             else:
@@ -284,12 +291,3 @@ def _ingest_image(path: Path, max_image_pixels: int, seen: dict[str, str], repor
         report.errors.append(IngestError(source, exc))
         return
     _keep(page, source, None, seen, report)
-
-
-def _write_atomic(file: Path, data: bytes) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)

@@ -14,9 +14,9 @@ from typing import Any, Union
 from PIL import Image
 
 from ..errors import DuplicatePageIdError, InvalidImageError
+from ..validation import check_positive_int
 from .image import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    _check_positive_int,
     _os_error_reason,
     load_image,
 )
@@ -147,7 +147,7 @@ class Page:
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a mapping, not {type(metadata).__name__}")
         self._metadata: dict[str, Any] = dict(metadata or {})
-        self._max_image_pixels = _check_positive_int("max_image_pixels", max_image_pixels)
+        self._max_image_pixels = check_positive_int("max_image_pixels", max_image_pixels)
         self._hash: str | None = None
         self._cached: Image.Image | None = None
 

@@ -28,9 +28,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..validation import check_positive_int, check_query
+from ..engine.devices import DTYPES, resolve_device, resolve_dtype
 from ..errors import ConfigError, InvalidQueryError, UnsupportedModelError
 from ..pages import Page, PixelBudget, as_pages, fit_to_budget
 from .embedding import PageEmbedding
+from .pooling import pool_embedding
 
 # model_type in config.json -> (model class, processor class) names in colpali_engine.models
 _FAMILIES: dict[str, tuple[str, str]] = {
@@ -42,16 +45,27 @@ _FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
+_QWEN_FAMILIES = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl")
+
+
 class PageEmbedder:
     """Encodes pages and queries with a colpali-engine model (ColQwen3, ColQwen2/2.5, ColPali, ColIdefics3).
 
     ``pixel_budget`` (Qwen-VL models only): pages are resized with :func:`fit_to_budget` before the
     processor, and the processor is set to the same budget, so a reranker with the same vision tower and
     budget sees the identical resized page and the identical visual-token grid.
+
+    ``pool_factor`` (index-time token pooling, see :mod:`.pooling`): page embeddings keep at most 1/f of their
+    patch vectors (colpali-engine's hierarchical pooling); queries are unchanged and the maps stay on the page's
+    grid. 1 = no pooling.
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, pixel_budget: PixelBudget | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, pixel_budget: PixelBudget | None = None,
+                 name: str | None = None, max_query_tokens: int = 512, pool_factor: int = 1) -> None:
         self.model = model.eval()
+        self.max_query_tokens = check_positive_int("max_query_tokens", max_query_tokens)
+        self.pool_factor = check_positive_int("pool_factor", pool_factor)
+        self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self.processor = processor
         ip = processor.image_processor
         # Qwen-VL processors resize with smart_resize to multiples of patch * merge and report image_grid_thw.
@@ -70,35 +84,55 @@ class PageEmbedder:
         cls,
         path_or_id: str | os.PathLike[str],
         *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | str | None = None,
         pixel_budget: PixelBudget | None = None,
         local_files_only: bool | None = None,
+        pool_factor: int = 1,
         **model_kwargs: Any,
     ) -> PageEmbedder:
         """Load a colpali-engine checkpoint by local path (never touches the network) or hub id.
 
-        The family comes from the checkpoint's ``config.json`` (``model_type``). ``dtype`` defaults to float32
-        on CPU and bfloat16 elsewhere.
+        Layouts: a full checkpoint (``config.json``; e.g. a merged ColQwen2 / ColQwen3) or a PEFT LoRA adapter
+        (``adapter_config.json`` + ``adapter_model.safetensors``, as vidore publishes ColQwen2 / 2.5, ColPali and
+        ColSmol), whose base (``base_model_name_or_path``) transformers loads and adapts through peft; the
+        processor comes from the adapter folder, or from the base when the adapter has none. The family comes from
+        the checkpoint's (or the base's) ``config.json`` (``model_type``). ``device="auto"``: cuda, then mps, then cpu;
+        ``dtype`` (a torch dtype or a name; None or "auto": float32 on the CPU, bfloat16 on a GPU that supports it). A hub id that cannot be fetched (offline and not cached, no such repository) raises
+        ModelNotFoundError naming it.
         """
         import colpali_engine.models as cm
 
-        local = Path(path_or_id).exists()
-        offline = local if local_files_only is None else local_files_only
-        model_type = _model_type(str(path_or_id), offline)
+        name = os.fspath(path_or_id)
+        model_type, base = _model_type(name, local_files_only)
         if model_type not in _FAMILIES:
             raise UnsupportedModelError(
-                f"{path_or_id}: model_type {model_type!r} is not a supported embedder family "
+                f"{name}: model_type {model_type!r} is not a supported embedder family "
                 f"({', '.join(sorted(_FAMILIES))})"
             )
         model_name, processor_name = _FAMILIES[model_type]
-        if dtype is None:
-            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-        model = getattr(cm, model_name).from_pretrained(
-            str(path_or_id), dtype=dtype, local_files_only=offline, **model_kwargs
-        )
-        processor = getattr(cm, processor_name).from_pretrained(str(path_or_id), local_files_only=offline)
-        return cls(model.to(device), processor, pixel_budget=pixel_budget)
+        device = resolve_device(device)
+        if dtype is None or isinstance(dtype, str):
+            dtype = DTYPES[resolve_dtype(dtype, device)]
+        offline = _offline(name, local_files_only) and (base is None or _offline(base, local_files_only))
+        model = getattr(cm, model_name).from_pretrained(name, dtype=dtype, local_files_only=offline, **model_kwargs)
+        source = _processor_source(name, base, local_files_only)
+        processor = getattr(cm, processor_name).from_pretrained(source, local_files_only=_offline(source, local_files_only))
+        return cls(model.to(device), processor, pixel_budget=pixel_budget, name=name, pool_factor=pool_factor)
+
+    @classmethod
+    def for_reranker(cls, path_or_id: str | os.PathLike[str], reranker: Any = None, **kwargs: Any) -> PageEmbedder:
+        """:meth:`from_pretrained`; a Qwen-VL embedder (ColQwen2/2.5/3) gets ``reranker``'s pixel budget, so when
+        both share a vision tower its patch grid is the reranker's visual-token grid. Other families resize pages
+        their own way and their maps are resampled onto the reranker's grid."""
+        if reranker is not None:
+            # the same device and precision as the reranker, unless asked otherwise (the CLI's --device / --dtype)
+            kwargs.setdefault("device", reranker.config.device)
+            kwargs.setdefault("dtype", reranker.config.dtype)
+            if kwargs.get("pixel_budget") is None and \
+                    _model_type(os.fspath(path_or_id), kwargs.get("local_files_only"))[0] in _QWEN_FAMILIES:
+                kwargs["pixel_budget"] = reranker.pixel_budget
+        return cls.from_pretrained(path_or_id, **kwargs)
 
     # --- properties -----------------------------------------------------------------------------------
     @property
@@ -126,8 +160,7 @@ class PageEmbedder:
     @torch.inference_mode()
     def encode_pages(self, pages: Sequence[Any], batch_size: int = 4, show_progress: bool = True) -> list[PageEmbedding]:
         """One PageEmbedding per page (Page objects, paths, bytes, PIL images...), in input order."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_positive_int("batch_size", batch_size)
         pages = as_pages(pages)
         out: list[PageEmbedding] = []
         bar = tqdm(total=len(pages), desc="embed pages", unit="page", disable=not show_progress or not pages)
@@ -144,16 +177,15 @@ class PageEmbedder:
                 rows = keep[i].nonzero().squeeze(1)
                 image_rows = (image_mask[i][rows]).nonzero().squeeze(1)  # image token positions among kept rows
                 patch_rows, grid = self._patch_layout(image_rows, batch, i, images[i])
-                out.append(
-                    PageEmbedding(
-                        page.id,
-                        emb[i, rows.to(emb.device)].float().cpu(),
-                        patch_rows,
-                        grid,
-                        content_hash=page.content_hash,
-                        metadata=dict(page.metadata),
-                    )
+                embedding = PageEmbedding(
+                    page.id,
+                    emb[i, rows.to(emb.device)].float().cpu(),
+                    patch_rows,
+                    grid,
+                    content_hash=page.content_hash,
+                    metadata=dict(page.metadata),
                 )
+                out.append(pool_embedding(embedding, self.pool_factor) if self.pool_factor > 1 else embedding)
             bar.update(len(chunk))
         bar.close()
         return out
@@ -165,8 +197,7 @@ class PageEmbedder:
             raise TypeError("encode_queries takes a list of strings; use encode_query for one")
         queries = list(queries)
         for q in queries:
-            if not isinstance(q, str) or not q.strip():
-                raise InvalidQueryError(f"query must be a non-empty string, got {q!r}")
+            self._check_length(check_query(q))
         out: list[torch.Tensor] = []
         for start in range(0, len(queries), batch_size):
             batch = self.processor.process_queries(queries=queries[start : start + batch_size])
@@ -174,6 +205,14 @@ class PageEmbedder:
             keep = batch["attention_mask"].bool().to(emb.device)
             out.extend(emb[i, keep[i]].float().cpu() for i in range(emb.shape[0]))
         return out
+
+    def _check_length(self, query: str) -> None:
+        """Refuse a query over ``max_query_tokens`` before anything is allocated for it (InvalidQueryError)."""
+        n = len(query) if len(query) > 64 * self.max_query_tokens else len(self.processor.tokenizer(query)["input_ids"])
+        if n > self.max_query_tokens:
+            unit = "characters" if len(query) > 64 * self.max_query_tokens else "tokens"
+            raise InvalidQueryError(f"query is {n:,} {unit}, over the embedder's limit of {self.max_query_tokens} tokens "
+                                    "(max_query_tokens); shorten it")
 
     def encode_query(self, query: str) -> torch.Tensor:
         return self.encode_queries([query])[0]
@@ -224,14 +263,34 @@ def _with_budget(processor: Any, budget: PixelBudget) -> Any:
     return processor
 
 
-def _model_type(path_or_id: str, offline: bool) -> str | None:
-    """``model_type`` of a checkpoint; for a PEFT adapter directory, that of its base model."""
-    from transformers import AutoConfig
+def _offline(name: str, local_files_only: bool | None) -> bool:
+    return Path(name).exists() if local_files_only is None else local_files_only
 
-    adapter = Path(path_or_id) / "adapter_config.json"
-    if adapter.is_file() and not (Path(path_or_id) / "config.json").is_file():
-        path_or_id = json.loads(adapter.read_text())["base_model_name_or_path"]
+
+def _model_type(name: str, local_files_only: bool | None) -> tuple[str | None, str | None]:
+    """``model_type`` of a checkpoint and, for a PEFT adapter, its base (the base's model_type). Raises
+    ModelNotFoundError when the checkpoint or the adapter's base cannot be found."""
+    from ..rerankers.loading import adapter_base, hub_files
+
+    files = hub_files(name, ("config.json", "adapter_config.json"), _offline(name, local_files_only),
+                      what="embedder checkpoint")
+    base = None
+    config = files["config.json"]
+    if config is None:
+        base = adapter_base(name, files["adapter_config.json"], local_files_only)
+        config = hub_files(base, ("config.json",), _offline(base, local_files_only), what="base model")["config.json"]
     try:
-        return AutoConfig.from_pretrained(path_or_id, local_files_only=offline).model_type
+        return json.loads(Path(config).read_text()).get("model_type"), base
     except (OSError, ValueError) as exc:
-        raise UnsupportedModelError(f"{path_or_id}: cannot read the model config ({exc})") from exc
+        raise UnsupportedModelError(f"{name}: cannot read the model config ({exc})") from exc
+
+
+def _processor_source(name: str, base: str | None, local_files_only: bool | None) -> str:
+    """Where the processor is: the checkpoint, or an adapter's base when the adapter folder has no processor."""
+    from ..rerankers.loading import hub_files
+
+    if base is None:
+        return name
+    files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    has = hub_files(name, files, _offline(name, local_files_only), required=False)
+    return name if any(has.values()) else base

@@ -13,7 +13,8 @@ Grids: when the embedder and the reranker share a vision tower and pixel budget 
 patch grid IS the reranker's visual-token grid and the map is used as is. Otherwise the (h_e, w_e) map is
 resampled bilinearly (antialiased when shrinking, so a hot patch is averaged into its target cell rather
 than skipped) to (h_r, w_r); both grids span the whole page, so cell centres map proportionally.
-Every function returns a 1-D float32 tensor of length h_r * w_r, row-major.
+``query_importance`` / ``page_importance`` return an :class:`ImportanceMap` on the target grid (the type that
+carries its grid through the handoff to the reranker); ``to_grid`` returns the resampled map flattened row-major.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..candidates import ImportanceMap
 from ..errors import InvalidQueryError
 from .embedding import PageEmbedding
 
@@ -57,20 +59,22 @@ def to_grid(importance: torch.Tensor, grid: Grid) -> torch.Tensor:
     return m.reshape(-1).contiguous()
 
 
-def query_importance(query: torch.Tensor, page: PageEmbedding, grid: Grid | None = None) -> torch.Tensor:
+def query_importance(query: torch.Tensor, page: PageEmbedding, grid: Grid | None = None) -> ImportanceMap:
     """Query-dependent importance of each reranker visual token of ``page`` (grid: the reranker's
     ``visual_grid(page)``; None = the embedder's own grid)."""
-    return to_grid(similarity_map(query, page), grid or page.grid)
+    grid = tuple(grid or page.grid)
+    return ImportanceMap(to_grid(similarity_map(query, page), grid).reshape(grid))
 
 
-def page_importance(page: PageEmbedding, grid: Grid | None = None) -> torch.Tensor:
+def page_importance(page: PageEmbedding, grid: Grid | None = None) -> ImportanceMap:
     """Query-independent importance of each reranker visual token of ``page`` (for index-time pruning)."""
-    return to_grid(salience_map(page), grid or page.grid)
+    grid = tuple(grid or page.grid)
+    return ImportanceMap(to_grid(salience_map(page), grid).reshape(grid))
 
 
 def query_importances(
     query: torch.Tensor, pages: Sequence[PageEmbedding], grids: Sequence[Grid | None] | None = None
-) -> list[torch.Tensor]:
+) -> list[ImportanceMap]:
     """:func:`query_importance` for each page (``grids`` aligned with ``pages``)."""
     grids = list(grids) if grids is not None else [None] * len(pages)
     if len(grids) != len(pages):

@@ -1,9 +1,14 @@
 """PageIndex: a multi-vector page index -- FAISS candidate generation, exact MaxSim ranking, crash-safe on disk.
 
 Search = for each query token, the ``k_prime`` nearest stored vectors (FAISS: exhaustive for "flat"
-segments, HNSW / IVF / IVF-PQ otherwise) -> the pages owning them are candidates -> exact MaxSim over each
-candidate's stored vectors -> top k. Flat segments skip candidate generation and score every page, so an
-all-flat index (small collections) ranks exactly as colpali's ``score_multi_vector``.
+segments, HNSW / IVF / IVF-PQ otherwise) -> the pages owning them are candidates -> (with
+``SearchParams.rescore``: the best ``rescore`` of them by an approximate MaxSim read off the FAISS results) ->
+exact MaxSim over each candidate's stored vectors -> top k. Flat segments skip candidate generation and score
+every page, so an all-flat index (small collections) ranks exactly as colpali's ``score_multi_vector``.
+
+At scale (100k+ pages of ~1,000 vectors) the FAISS codes stay in RAM while the full vectors (float32 or float16,
+``AnnConfig.vector_dtype``) are memory-mapped and read only for the candidates; segments larger than
+``build_memory_bytes`` are built on disk (segment.py), so adding a generator of pages never holds them all.
 
 On disk (a directory):
     manifest.json  format + version, settings, generation number, live segments and their tombstones
@@ -17,26 +22,33 @@ to commit over a generation they did not read (IndexStateError: reopen and retry
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
+import threading
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from ..errors import DuplicatePageIdError, IndexStateError, InvalidQueryError
+from ..errors import DuplicatePageIdError, IndexMergeWarning, IndexStateError, InvalidQueryError, LockTimeoutError
+from ..fileio import canonical_json, format_tag, is_temp_name, write_json, writer_lock
+from ..validation import check_positive_int
 from .ann import AnnConfig, SearchParams
 from .embedding import PageEmbedding
 from .maxsim import top_k
-from .segment import Segment
-from .storage import canonical_json, replace_json, writer_lock
+from .segment import Segment, SegmentBuilder, build_in_progress
 
-FORMAT = "minirerank-page-index"
+logger = logging.getLogger("minirerank.index")
+
+_FORMAT_NAME = "minirerank-page-index"
 VERSION = 1
+FORMAT = format_tag("page-index", VERSION)
 MANIFEST = "manifest.json"
 
 QueryLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]]
@@ -44,20 +56,74 @@ QueryLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]]
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One first-stage result: exact MaxSim ``score``; ``rank`` starts at 1."""
+    """One first-stage result: exact MaxSim ``score``; ``rank`` starts at 1. ``embedding``: the page's stored
+    embedding, when the search was asked for it (``with_embeddings``), read from the same snapshot as the hit."""
 
     page_id: str
     score: float
     rank: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    embedding: PageEmbedding | None = field(default=None, compare=False, repr=False)
+
+
+@runtime_checkable
+class PageIndexBackend(Protocol):
+    """What the first stage, the pipeline and the retrievers need of a page index. :class:`PageIndex` (FAISS, a
+    directory) and :class:`~minirerank_core.retrieval.qdrant.QdrantPageIndex` (a Qdrant collection) implement it."""
+
+    @property
+    def dim(self) -> int | None: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, page_id: object) -> bool: ...
+
+    def page_ids(self) -> list[str]: ...
+
+    def content_hashes(self) -> dict[str, str]: ...
+
+    def metadata(self, page_id: str) -> dict[str, Any]: ...
+
+    def embedding(self, page_id: str) -> PageEmbedding: ...
+
+    def add(self, pages: Iterable[PageEmbedding],
+            metadata: Sequence[Mapping[str, Any] | None] | None = None) -> list[str]: ...
+
+    def delete(self, page_ids: Iterable[str], *, missing_ok: bool = False) -> int: ...
+
+    def refresh(self) -> bool: ...
+
+    def search(self, query: QueryLike, k: int = 20, *, exact: bool = False, with_embeddings: bool = False,
+               **kwargs: Any) -> list[SearchHit]: ...
+
+
+@dataclass(frozen=True)
+class _State:
+    """One consistent view of the index. A change builds a new one and swaps it in with one assignment, so a
+    reader that took ``self._state`` once sees segments, tombstones and ids that belong together."""
+
+    segments: tuple[Segment, ...] = ()
+    live: tuple[np.ndarray, ...] = ()  # per segment, bool per page: False = tombstoned
+    where: dict[str, tuple[int, int]] = field(default_factory=dict)  # live page id -> (segment, page number)
+    generation: int = 0
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment], live: Sequence[np.ndarray], generation: int) -> _State:
+        where: dict[str, tuple[int, int]] = {}
+        for s, (seg, mask) in enumerate(zip(segments, live)):
+            for i in np.flatnonzero(mask).tolist():
+                if where.setdefault(seg.ids[i], (s, i)) != (s, i):
+                    raise IndexStateError(f"page id {seg.ids[i]!r} is live in two segments (corrupt manifest)")
+        return cls(tuple(segments), tuple(live), where, generation)
 
 
 class PageIndex:
     """Multi-vector page index. In memory until bound to a directory by :meth:`create`, :meth:`open` or
     :meth:`save`; once bound, every :meth:`add` / :meth:`delete` / :meth:`compact` is durable on return.
 
-    Not safe for concurrent writes from several threads of one process; any number of reader processes may
-    :meth:`open` the directory while one writer process changes it.
+    Within one process, searches may run while another thread adds or deletes (each reads one snapshot) and
+    writes from several threads are serialised. Across processes, any number of readers may :meth:`open` the
+    directory while one writer process changes it.
     """
 
     def __init__(
@@ -68,6 +134,7 @@ class PageIndex:
         ann: AnnConfig | None = None,
         search_params: SearchParams | None = None,
         max_segments: int = 8,
+        build_memory_bytes: int = 1 << 30,
     ) -> None:
         config = ann or AnnConfig()
         if index_type is not None:
@@ -80,12 +147,29 @@ class PageIndex:
         self._ann = config
         self.search_params = search_params or SearchParams()
         self._max_segments = max_segments
-        self._segments: list[Segment] = []
-        self._live: list[np.ndarray] = []  # per segment, bool per page: False = tombstoned
-        self._where: dict[str, tuple[int, int]] = {}  # live page id -> (segment number, page number)
+        # Vectors of a segment being built kept in RAM up to this; past it a bound index writes them to disk.
+        self.build_memory_bytes = check_positive_int("build_memory_bytes", build_memory_bytes)
+        self._state = _State()
+        self._write_lock = threading.RLock()  # one writer thread at a time in this process
         self._path: Path | None = None
-        self._generation = 0
         self._mmap = True
+
+    # read-only views of the current snapshot (a reader that needs several takes self._state once)
+    @property
+    def _segments(self) -> tuple[Segment, ...]:
+        return self._state.segments
+
+    @property
+    def _live(self) -> tuple[np.ndarray, ...]:
+        return self._state.live
+
+    @property
+    def _where(self) -> dict[str, tuple[int, int]]:
+        return self._state.where
+
+    @property
+    def _generation(self) -> int:
+        return self._state.generation
 
     # --- lifecycle ------------------------------------------------------------------------------------
     @classmethod
@@ -103,9 +187,10 @@ class PageIndex:
         mmap: bool = True,
         verify: bool = False,
         search_params: SearchParams | None = None,
+        build_memory_bytes: int = 1 << 30,
     ) -> PageIndex:
-        """Open the index in ``path``. ``mmap``: map vector files instead of reading them (low memory);
-        ``verify``: check every file's sha256 (reads everything). IndexStateError if absent or damaged."""
+        """Open the index in ``path``. ``mmap``: map vector files (and FAISS lists) instead of reading them (low
+        memory); ``verify``: check every file's sha256 (reads everything). IndexStateError if absent or damaged."""
         path = Path(path)
         for attempt in range(3):
             manifest = _read_manifest(path)
@@ -121,6 +206,7 @@ class PageIndex:
             ann=AnnConfig.from_dict(manifest["ann"]),
             search_params=search_params or SearchParams(**manifest["search"]),
             max_segments=manifest["max_segments"],
+            build_memory_bytes=build_memory_bytes,
         )
         live = []
         for seg, entry in zip(segments, manifest["segments"]):
@@ -130,9 +216,9 @@ class PageIndex:
                 raise IndexStateError(f"{path / MANIFEST}: tombstone out of range for segment {seg.name}")
             mask[deleted] = False
             live.append(mask)
-        index._segments, index._live = segments, live
-        index._path, index._generation, index._mmap = path, manifest["generation"], mmap
-        index._reindex()
+        index._state = _State.of(segments, live, manifest["generation"])
+        index._path, index._mmap = path, mmap
+        _sweep_if_idle(path)  # debris of a writer that died (disk full, killed): removed when nobody writes
         return index
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -143,22 +229,25 @@ class PageIndex:
                 return  # already durable
             raise IndexStateError(f"this index is bound to {self._path}; open a new PageIndex to copy it elsewhere")
         path.mkdir(parents=True, exist_ok=True)
-        with writer_lock(path):
+        with self._write_lock, writer_lock(path):
             if (path / MANIFEST).exists():
                 raise IndexStateError(f"{path} already holds an index; use PageIndex.open({str(path)!r})")
-            for seg in self._segments:
+            st = self._state
+            for seg in st.segments:
                 seg.write(path)
-            self._generation += 1
-            replace_json(path / MANIFEST, self._manifest(self._segments, self._live, self._generation))
-            _collect_garbage(path, {s.name for s in self._segments})
+            write_json(path / MANIFEST, self._manifest(st.segments, st.live, st.generation + 1))
+            _collect_garbage(path, {s.name for s in st.segments})
+            self._state = _State(st.segments, st.live, st.where, st.generation + 1)
         self._path = path
 
     def refresh(self) -> bool:
         """Re-read the directory if another process changed it since; True when something changed."""
         if self._path is None or _read_manifest(self._path)["generation"] == self._generation:
             return False
-        fresh = PageIndex.open(self._path, mmap=self._mmap, search_params=self.search_params)
-        self.__dict__.update(fresh.__dict__)
+        fresh = PageIndex.open(self._path, mmap=self._mmap, search_params=self.search_params,
+                               build_memory_bytes=self.build_memory_bytes)
+        with self._write_lock:
+            self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "_write_lock"})
         return True
 
     # --- contents -------------------------------------------------------------------------------------
@@ -190,29 +279,33 @@ class PageIndex:
     def content_hashes(self) -> dict[str, str]:
         """content hash -> page id of every live page that has a hash (for duplicate detection at ingest)."""
         out: dict[str, str] = {}
-        for page_id, (s, i) in self._where.items():
-            h = self._segments[s].hashes[i]
+        st = self._state
+        for page_id, (s, i) in st.where.items():
+            h = st.segments[s].hashes[i]
             if h is not None:
                 out.setdefault(h, page_id)
         return out
 
     def metadata(self, page_id: str) -> dict[str, Any]:
-        s, i = self._locate(page_id)
-        return dict(self._segments[s].metadata[i])
+        st = self._state
+        s, i = _locate(st, page_id)
+        return dict(st.segments[s].metadata[i])
 
     def embedding(self, page_id: str) -> PageEmbedding:
         """The stored embedding of a page (vectors, patch rows, grid): what importance maps are made from."""
-        s, i = self._locate(page_id)
-        return self._segments[s].embedding(i)
+        st = self._state
+        s, i = _locate(st, page_id)
+        return st.segments[s].embedding(i)
 
     def stats(self) -> dict[str, Any]:
         """Counts per segment (kind, pages, live pages) and totals; vectors of tombstoned pages included."""
+        st = self._state
         return {
-            "pages": len(self),
-            "vectors_stored": sum(s.n_vectors for s in self._segments),
+            "pages": len(st.where),
+            "vectors_stored": sum(s.n_vectors for s in st.segments),
             "segments": [{"name": s.name, "kind": s.kind, "pages": s.n_pages, "live": int(l.sum())}
-                         for s, l in zip(self._segments, self._live)],
-            "generation": self._generation,
+                         for s, l in zip(st.segments, st.live)],
+            "generation": st.generation,
         }
 
     # --- changes --------------------------------------------------------------------------------------
@@ -223,57 +316,87 @@ class PageIndex:
 
         ``metadata[i]`` (JSON-serialisable) is merged over ``pages[i].metadata``. A page whose id is already
         indexed (or repeated in this call) is skipped when both carry the same ``content_hash`` -- re-adding
-        the same page is a no-op -- and raises DuplicatePageIdError otherwise, adding nothing.
+        the same page is a no-op -- and raises DuplicatePageIdError otherwise, adding nothing. ``pages`` is read
+        once: a generator is consumed page by page, and on an index bound to a directory vectors beyond
+        ``build_memory_bytes`` go straight to disk (how a collection larger than RAM is loaded).
         """
-        pages = list(pages)
+        with self._write_lock:
+            added = self._add(pages, metadata)
+        if added:
+            # Committing the pages and tidying segments are separate outcomes: the pages are durable now, and a
+            # merge that fails (another writer, a full disk) only leaves more segments behind, said in a warning.
+            try:
+                with self._write_lock:
+                    self._maybe_merge()
+            except (IndexStateError, OSError) as exc:
+                logger.warning("minirerank: pages added; merging index segments failed and is retried on the next "
+                               "change (%s)", exc)
+                warnings.warn(f"minirerank: pages added; merging index segments failed ({exc})", IndexMergeWarning,
+                              stacklevel=2)
+        return added
+
+    def _add(self, pages: Iterable[PageEmbedding], metadata: Sequence[Mapping[str, Any] | None] | None) -> list[str]:
         if metadata is not None:
             metadata = list(metadata)
-            if len(metadata) != len(pages):
+            if hasattr(pages, "__len__") and len(metadata) != len(pages):
                 raise ValueError(f"metadata has {len(metadata)} entries for {len(pages)} pages")
         dim = self._dim
-        new: list[PageEmbedding] = []
-        metas: list[dict[str, Any]] = []
         seen: dict[str, str | None] = {}
-        for i, page in enumerate(pages):
-            if not isinstance(page, PageEmbedding):
-                raise TypeError(f"pages[{i}] is a {type(page).__name__}, not a PageEmbedding")
-            dim = dim or page.dim
-            if page.dim != dim:
-                raise ValueError(f"page {page.page_id!r} has dim {page.dim}, the index has dim {dim}")
-            if page.page_id in seen or page.page_id in self._where:
-                other = seen[page.page_id] if page.page_id in seen else self._hash_of(page.page_id)
-                if page.content_hash is not None and page.content_hash == other:
-                    continue
-                raise DuplicatePageIdError(
-                    f"page id {page.page_id!r} is already {'in this call' if page.page_id in seen else 'indexed'} "
-                    "with different (or unknown) content; delete it first or give the page another id"
-                )
-            meta = {**page.metadata, **dict((metadata[i] if metadata is not None else None) or {})}
-            try:
-                canonical_json(meta)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"metadata of page {page.page_id!r} is not JSON-serialisable ({exc})") from exc
-            seen[page.page_id] = page.content_hash
-            new.append(page)
-            metas.append(meta)
-        if not new:
-            return []
-        seg = Segment.from_embeddings(self._segment_name(), new, metas, self._ann)
+        builder = SegmentBuilder(self._segment_name(), self._ann, stage_in=self._path,
+                                 memory_bytes=self.build_memory_bytes)
+        n = 0
+        try:
+            for n, page in enumerate(pages, start=1):
+                i = n - 1
+                if not isinstance(page, PageEmbedding):
+                    raise TypeError(f"pages[{i}] is a {type(page).__name__}, not a PageEmbedding")
+                if metadata is not None and i >= len(metadata):
+                    raise ValueError(f"metadata has {len(metadata)} entries for more pages")
+                dim = dim or page.dim
+                if page.dim != dim:
+                    raise ValueError(f"page {page.page_id!r} has dim {page.dim}, the index has dim {dim}")
+                if page.page_id in seen or page.page_id in self._where:
+                    other = seen[page.page_id] if page.page_id in seen else self._hash_of(page.page_id)
+                    if page.content_hash is not None and page.content_hash == other:
+                        continue
+                    raise DuplicatePageIdError(
+                        f"page id {page.page_id!r} is already {'in this call' if page.page_id in seen else 'indexed'} "
+                        "with different (or unknown) content; delete it first or give the page another id"
+                    )
+                meta = {**page.metadata, **dict((metadata[i] if metadata is not None else None) or {})}
+                try:
+                    canonical_json(meta)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"metadata of page {page.page_id!r} is not JSON-serialisable ({exc})") from exc
+                seen[page.page_id] = page.content_hash
+                builder.add(page.vectors.numpy(), page.patch_rows.numpy(), page.grid, page.page_id,
+                            page.content_hash, meta)
+            if metadata is not None and n != len(metadata):
+                raise ValueError(f"metadata has {len(metadata)} entries for {n} pages")
+            if builder.n_pages == 0:
+                builder.abort()
+                return []
+            seg = builder.finish()
+        except BaseException:
+            builder.abort()
+            raise
         old_dim, self._dim = self._dim, dim  # the manifest written by _commit records the dim
         try:
-            self._commit(self._segments + [seg], self._live + [np.ones(seg.n_pages, dtype=bool)], [seg])
+            self._commit([*self._segments, seg], [*self._live, np.ones(seg.n_pages, dtype=bool)], [seg])
         except BaseException:
             self._dim = old_dim
             raise
-        self._maybe_merge()
-        return [p.page_id for p in new]
+        return list(builder.ids)
 
     def delete(self, page_ids: Iterable[str], *, missing_ok: bool = False) -> int:
         """Remove pages (tombstones; space comes back at :meth:`compact`). Returns how many were removed.
         Unknown ids raise KeyError unless ``missing_ok``."""
         if isinstance(page_ids, str):
             page_ids = [page_ids]
-        ids = list(dict.fromkeys(page_ids))
+        with self._write_lock:
+            return self._delete(list(dict.fromkeys(page_ids)), missing_ok)
+
+    def _delete(self, ids: list[str], missing_ok: bool) -> int:
         missing = [p for p in ids if p not in self._where]
         if missing and not missing_ok:
             raise KeyError(f"not in the index: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -292,9 +415,10 @@ class PageIndex:
     def compact(self) -> None:
         """Rewrite all live pages into one segment: drops tombstoned vectors, rebuilds the ANN structure over
         everything (best recall; costs a full rebuild)."""
-        if len(self._segments) <= 1 and all(m.all() for m in self._live):
-            return
-        self._merge(list(range(len(self._segments))))
+        with self._write_lock:
+            if len(self._segments) <= 1 and all(m.all() for m in self._live):
+                return
+            self._merge(list(range(len(self._segments))))
 
     def _maybe_merge(self) -> None:
         # Bound the number of segments (each costs a FAISS search per query): merge the smallest ones.
@@ -310,7 +434,8 @@ class PageIndex:
         live = [self._live[n] for n in rest]
         written = []
         if any(len(keep) for _, keep in parts):
-            merged = Segment.merge(self._segment_name(), parts, self._ann)
+            merged = Segment.merge(self._segment_name(), parts, self._ann, stage_in=self._path,
+                                   memory_bytes=self.build_memory_bytes)
             segments.append(merged)
             live.append(np.ones(merged.n_pages, dtype=bool))
             written.append(merged)
@@ -319,6 +444,17 @@ class PageIndex:
     def _commit(self, segments: list[Segment], live: list[np.ndarray], written: list[Segment]) -> None:
         """Make (segments, live) the index's state: durably first when bound, then in memory."""
         generation = self._generation + 1
+        try:
+            self._commit_files(segments, live, written, generation)
+        finally:
+            for seg in written:  # a commit that failed before writing a staged segment: remove its staging
+                seg.discard()
+        if self._path is not None and self._mmap:  # serve new segments from their files, not from the RAM copy
+            segments = [Segment.read(self._path / s.name) if s in written else s for s in segments]
+        self._state = _State.of(segments, live, generation)
+
+    def _commit_files(self, segments: list[Segment], live: list[np.ndarray], written: list[Segment],
+                      generation: int) -> None:
         if self._path is not None:
             with writer_lock(self._path):
                 on_disk = _read_manifest(self._path)
@@ -329,22 +465,19 @@ class PageIndex:
                     )
                 for seg in written:
                     seg.write(self._path)
-                replace_json(self._path / MANIFEST, self._manifest(segments, live, generation))
+                write_json(self._path / MANIFEST, self._manifest(segments, live, generation))
                 _collect_garbage(self._path, {s.name for s in segments})
-            if self._mmap:  # serve new segments from their files, not from the RAM copy just written
-                segments = [Segment.read(self._path / s.name) if s in written else s for s in segments]
-        self._segments, self._live, self._generation = segments, live, generation
-        self._reindex()
 
     def _manifest(self, segments: list[Segment], live: list[np.ndarray], generation: int) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "version": VERSION,
             "generation": generation,
             "dim": self._dim,
             "ann": self._ann.to_dict(),
             "search": {"k_prime": self.search_params.k_prime, "ef_search": self.search_params.ef_search,
-                       "nprobe": self.search_params.nprobe},
+                       "nprobe": self.search_params.nprobe,
+                       # only when set: a manifest without it stays readable by earlier versions
+                       **({"rescore": self.search_params.rescore} if self.search_params.rescore is not None else {})},
             "max_segments": self._max_segments,
             "segments": [{"name": s.name, "deleted": np.flatnonzero(~m).tolist()} for s, m in zip(segments, live)],
         }
@@ -352,20 +485,6 @@ class PageIndex:
     def _segment_name(self) -> str:
         # Random suffix: never collides with a half-written leftover of a killed writer.
         return f"seg-{self._generation + 1:06d}-{secrets.token_hex(4)}"
-
-    def _reindex(self) -> None:
-        where: dict[str, tuple[int, int]] = {}
-        for s, (seg, live) in enumerate(zip(self._segments, self._live)):
-            for i in np.flatnonzero(live).tolist():
-                if where.setdefault(seg.ids[i], (s, i)) != (s, i):
-                    raise IndexStateError(f"page id {seg.ids[i]!r} is live in two segments (corrupt manifest)")
-        self._where = where
-
-    def _locate(self, page_id: str) -> tuple[int, int]:
-        try:
-            return self._where[page_id]
-        except KeyError:
-            raise KeyError(f"page {page_id!r} is not in the index") from None
 
     def _hash_of(self, page_id: str) -> str | None:
         s, i = self._where[page_id]
@@ -380,61 +499,106 @@ class PageIndex:
         k_prime: int | None = None,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        rescore: int | None = None,
         exact: bool = False,
+        with_embeddings: bool = False,
     ) -> list[SearchHit]:
         """Top ``k`` pages for a query embedding (Tq, D), best first, by exact MaxSim score.
 
-        ``k_prime`` / ``ef_search`` / ``nprobe`` override :attr:`search_params` for this call; ``exact``
-        scores every page (ground truth; slow on large indexes). An empty index gives [].
+        ``k_prime`` / ``ef_search`` / ``nprobe`` / ``rescore`` override :attr:`search_params` for this call;
+        ``exact`` scores every page (ground truth; slow on large indexes); ``with_embeddings`` attaches each hit's
+        stored embedding (what the pruning maps are made from). An empty index gives [].
         """
         q = self._query_array(query)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        if not self._where:
+        k = check_positive_int("k", k)
+        st = self._state  # one snapshot: a concurrent add or delete swaps in a new one, never changes this
+        if not st.where:
             return []
-        params = self.search_params.override(k_prime=k_prime, ef_search=ef_search, nprobe=nprobe)
+        params = self.search_params.override(k_prime=k_prime, ef_search=ef_search, nprobe=nprobe, rescore=rescore)
         kp = params.k_prime_for(k)
-        scores, owners = [], []
-        for s, (seg, live) in enumerate(zip(self._segments, self._live)):
+        limit = None if params.rescore is None else max(int(params.rescore), k)
+        scores, owners, approx = [], [], []
+        for s, (seg, live) in enumerate(zip(st.segments, st.live)):
             if exact or seg.index is None:
                 pages = np.flatnonzero(live)
-                sc = seg.scores(q)[pages]
-            else:
+                scores.append(seg.scores(q)[pages])
+                owners.append(_owners(s, pages))
+            elif limit is None:
                 pages = seg.candidates(q, kp, params)
                 pages = pages[live[pages]]
-                sc = seg.scores(q, pages)
-            scores.append(sc)
-            owners.append(np.stack([np.full(len(pages), s, dtype=np.int64), pages]))
-        all_scores = np.concatenate(scores)
-        where = np.concatenate(owners, axis=1)
+                scores.append(seg.scores(q, pages))
+                owners.append(_owners(s, pages))
+            else:
+                pages, guess = seg.candidates(q, kp, params, approx=True)
+                ok = live[pages]
+                approx.append((_owners(s, pages[ok]), guess[ok]))
+        if approx:
+            where = np.concatenate([w for w, _ in approx], axis=1)
+            best = np.sort(top_k(np.concatenate([g for _, g in approx]), limit))  # segment-major order kept
+            where = where[:, best]
+            for s in np.unique(where[0]).tolist():
+                pages = where[1, where[0] == s]
+                scores.append(st.segments[s].scores(q, pages))
+                owners.append(_owners(s, pages))
+        all_scores = np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
+        where = np.concatenate(owners, axis=1) if owners else np.empty((2, 0), dtype=np.int64)
         hits = []
         for rank, j in enumerate(top_k(all_scores, k).tolist(), start=1):
-            seg = self._segments[int(where[0, j])]
+            seg = st.segments[int(where[0, j])]
             i = int(where[1, j])
-            hits.append(SearchHit(seg.ids[i], float(all_scores[j]), rank, dict(seg.metadata[i])))
+            emb = seg.embedding(i) if with_embeddings else None
+            hits.append(SearchHit(seg.ids[i], float(all_scores[j]), rank, dict(seg.metadata[i]), emb))
         return hits
 
     def search_batch(self, queries: Sequence[QueryLike], k: int = 20, **kwargs: Any) -> list[list[SearchHit]]:
         return [self.search(q, k, **kwargs) for q in queries]
 
     def _query_array(self, query: QueryLike) -> np.ndarray:
-        if isinstance(query, str):
-            raise InvalidQueryError("PageIndex.search takes a query embedding; encode text with PageEmbedder.encode_queries")
-        if isinstance(query, torch.Tensor):
-            query = query.detach().to("cpu", torch.float32).numpy()
-        try:
-            q = np.asarray(query, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise InvalidQueryError(f"query embedding is not a numeric array ({exc})") from exc
-        if q.ndim == 1 and q.size:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[0] == 0 or q.shape[1] == 0:
-            raise InvalidQueryError(f"query embedding must be a non-empty (Tq, D) array, got shape {q.shape}")
-        if self._dim is not None and q.shape[1] != self._dim:
-            raise InvalidQueryError(f"query embedding has dim {q.shape[1]}, the index has dim {self._dim}")
-        if not np.isfinite(q).all():
-            raise InvalidQueryError("query embedding contains NaN or inf")
-        return np.ascontiguousarray(q)
+        return as_query_array(query, self._dim)
+
+
+def as_query_array(query: QueryLike, dim: int | None) -> np.ndarray:
+    """A query embedding as a C-contiguous float32 (Tq, D) array; InvalidQueryError when it is not one."""
+    if isinstance(query, str):
+        raise InvalidQueryError("the index's search takes a query embedding; encode text with "
+                                "PageEmbedder.encode_queries")
+    if isinstance(query, torch.Tensor):
+        query = query.detach().to("cpu", torch.float32).numpy()
+    try:
+        q = np.asarray(query, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidQueryError(f"query embedding is not a numeric array ({exc})") from exc
+    if q.ndim == 1 and q.size:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[0] == 0 or q.shape[1] == 0:
+        raise InvalidQueryError(f"query embedding must be a non-empty (Tq, D) array, got shape {q.shape}")
+    if dim is not None and q.shape[1] != dim:
+        raise InvalidQueryError(f"query embedding has dim {q.shape[1]}, the index has dim {dim}")
+    if not np.isfinite(q).all():
+        raise InvalidQueryError("query embedding contains NaN or inf")
+    return np.ascontiguousarray(q)
+
+
+def _owners(s: int, pages: np.ndarray) -> np.ndarray:
+    """(2, n): segment number and local page number of each page."""
+    return np.stack([np.full(len(pages), s, dtype=np.int64), np.asarray(pages, dtype=np.int64)])
+
+
+def _locate(st: _State, page_id: str) -> tuple[int, int]:
+    try:
+        return st.where[page_id]
+    except KeyError:
+        raise KeyError(f"page {page_id!r} is not in the index") from None
+
+
+def _sweep_if_idle(path: Path) -> None:
+    """Remove the debris of dead writers when no writer holds the lock (never a live writer's files)."""
+    try:
+        with writer_lock(path, timeout=0):
+            manifest = _read_manifest(path)
+            _collect_garbage(path, {e["name"] for e in manifest["segments"]})
+    except (LockTimeoutError, OSError, IndexStateError):
+        pass  # someone is writing (their sweep will do it), or the directory is read-only
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -445,12 +609,12 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise IndexStateError(f"no index at {path} ({MANIFEST} not found)") from None
     except (OSError, ValueError) as exc:
         raise IndexStateError(f"{file}: unreadable ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(_FORMAT_NAME):
         raise IndexStateError(f"{file}: not a minirerank page index")
-    if manifest.get("version") != VERSION:
-        raise IndexStateError(
-            f"{file}: format version {manifest.get('version')!r}; this minirerank reads version {VERSION}"
-        )
+    # before format tags were unified, the version was a separate field: {"format": NAME, "version": 1}
+    version = manifest.get("version") if manifest["format"] == _FORMAT_NAME else manifest["format"].rpartition("/")[2]
+    if str(version) != str(VERSION):
+        raise IndexStateError(f"{file}: format version {version!r}; this minirerank reads version {VERSION}")
     missing = {"generation", "dim", "ann", "search", "max_segments", "segments"} - set(manifest)
     if missing:
         raise IndexStateError(f"{file}: incomplete manifest (missing {sorted(missing)})")
@@ -462,7 +626,9 @@ def _collect_garbage(path: Path, keep: set[str]) -> None:
     Readers that still map removed files keep working: POSIX frees them at their last close."""
     for entry in path.iterdir():
         name = entry.name
-        if (name.startswith("seg-") and name not in keep) or name.startswith((".tmp-", f".{MANIFEST}.tmp")):
+        if (name.startswith("seg-") and name not in keep) or name.startswith(".tmp-") or is_temp_name(name):
+            if name.startswith(".tmp-") and build_in_progress(entry):
+                continue  # a live process is building a large segment there (segment.SegmentBuilder)
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

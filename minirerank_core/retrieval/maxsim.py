@@ -1,12 +1,17 @@
-"""Exact late-interaction (MaxSim) scores over pages stored as one concatenated vector array.
+"""Exact late-interaction (MaxSim): the one definition of the first stage's score.
 
 score(q, page) = sum over query tokens t of max over the page's vectors v of <q_t, v> -- the same quantity
-colpali-engine's ``score_multi_vector`` computes (there per padded batch, here over unpadded pages).
+colpali-engine's ``score_multi_vector`` computes. Not divided by the query length: a query's ranking does not
+depend on it, and raw sums stay comparable with colpali's tools. Two kernels compute it: ``maxsim_scores`` over the
+index's unpadded, concatenated vectors (numpy, chunked, memory-mapped) and ``maxsim_padded`` over padded batches
+(torch, differentiable: the embedder's training, whose contrastive loss divides by the query length as a
+per-query temperature, see train/embedder.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Rows of page vectors scored per matmul: bounds the (Tq, rows) similarity block to a few tens of MB.
 _CHUNK_ROWS = 1 << 17
@@ -30,6 +35,13 @@ def maxsim_scores(query: np.ndarray, vectors: np.ndarray, offsets: np.ndarray, *
         out[p:q] = np.maximum.reduceat(sims, offsets[p:q] - lo, axis=1).sum(axis=0)
         p = q
     return out
+
+
+def maxsim_padded(q: torch.Tensor, qmask: torch.Tensor, d: torch.Tensor, dmask: torch.Tensor) -> torch.Tensor:
+    """(Bq, Bd) MaxSim of padded batches: q (Bq, Tq, D) with qmask (Bq, Tq), d (Bd, S, D) with dmask (Bd, S)."""
+    sims = torch.einsum("qtd,psd->qpts", q.float(), d.float())
+    sims = sims.masked_fill(~dmask[None, :, None, :], float("-inf")).max(-1).values  # (Bq, Bd, Tq)
+    return (sims * qmask[:, None, :]).nan_to_num(0.0, neginf=0.0).sum(-1)
 
 
 def gather_pages(rows_of: np.ndarray, offsets: np.ndarray, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

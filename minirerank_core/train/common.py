@@ -11,12 +11,12 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from ..fileio import recover_dir, replace_dir, write_json
 
 
 # --- runtime ------------------------------------------------------------------------------------------------
@@ -104,15 +104,8 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Opt
         t, m = _flatten_optimizer(opt)
         save_file(t, str(tmp / "optimizer.safetensors"))
         meta["optimizer"] = m
-    (tmp / "state.json").write_text(json.dumps(meta))
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    if ckpt_dir.exists():
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
-    if old.exists():
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+    write_json(tmp / "state.json", meta)
+    replace_dir(tmp, ckpt_dir)
 
 
 def _save_shared_safe(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -129,6 +122,7 @@ def _save_shared_safe(state: dict[str, torch.Tensor], path: Path) -> None:
 def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
     """Restore a checkpoint written by save_checkpoint; returns its state.json (None if there is none)."""
     ckpt_dir = Path(ckpt_dir)
+    recover_dir(ckpt_dir)  # a save interrupted between its two renames
     if not (ckpt_dir / "state.json").exists():
         return None
     meta = json.loads((ckpt_dir / "state.json").read_text())

@@ -5,7 +5,8 @@
 
 Each step draws B training queries with distinct positive pages, adds `--hard` BM25 hard negatives (from the
 data stage), encodes pages (colpali's image prompt) and queries (colpali's query augmentation tokens) with the
-model, and minimises the cross-entropy of each query's length-normalised MaxSim scores over all pages in the
+model, and minimises the cross-entropy of each query's length-normalised MaxSim scores (retrieval.maxsim; the division by the
+query length is the loss's per-query temperature, the index scores raw MaxSim) over all pages in the
 batch (temperature --temperature). The vision tower is frozen by default (it comes from `pretrain` and is shared
 with the reranker, whose importance maps rely on the identical grid). The final model is written with
 save_pretrained (+ processor) to OUT/final.
@@ -19,9 +20,12 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..retrieval.maxsim import maxsim_padded, maxsim_scores
+from ..fileio import write_json
 from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at, optimizer_step, progress,
                      save_checkpoint, set_lr, setup_runtime)
 from .data import DataSet
@@ -36,12 +40,11 @@ def encode(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     return model(**batch), batch["attention_mask"].bool()
 
 
-def maxsim(q: torch.Tensor, qmask: torch.Tensor, d: torch.Tensor, dmask: torch.Tensor) -> torch.Tensor:
-    """(Bq, Bd) MaxSim scores normalised by the number of query rows."""
-    sims = torch.einsum("qtd,psd->qpts", q.float(), d.float())
-    sims = sims.masked_fill(~dmask[None, :, None, :], -1e4).max(-1).values  # (Bq, Bd, Tq)
-    sims = sims * qmask[:, None, :]
-    return sims.sum(-1) / qmask.sum(-1, keepdim=True).clamp_min(1)
+def length_normalised_maxsim(q: torch.Tensor, qmask: torch.Tensor, d: torch.Tensor, dmask: torch.Tensor) -> torch.Tensor:
+    """The loss's logits: MaxSim (retrieval.maxsim, the one definition) divided by the query's length. Each row's
+    softmax is over pages for one query, so the division is a per-query temperature: it keeps the logits of long
+    and short queries on one scale for --temperature, and changes no query's ranking."""
+    return maxsim_padded(q, qmask, d, dmask) / qmask.sum(-1, keepdim=True).clamp_min(1)
 
 
 @torch.no_grad()
@@ -53,15 +56,15 @@ def evaluate(model, proc, ds: DataSet, split: str, device, amp, max_queries: int
     for s in range(0, len(pids), batch):
         with autocast(device, amp):
             d, m = encode(model, proc.process_images([ds.image(p) for p in pids[s : s + batch]]), device)
-        pages += [d[i, m[i]].float().cpu() for i in range(d.shape[0])]
+        pages += [d[i, m[i]].float().cpu().numpy() for i in range(d.shape[0])]
+    vectors, offsets = np.concatenate(pages), np.concatenate([[0], np.cumsum([len(p) for p in pages])])
     rankings = []
     for s in range(0, len(qs), 16):
         with autocast(device, amp):
             q, qm = encode(model, proc.process_queries(queries=[x["query"] for x in qs[s : s + 16]]), device)
         for i in range(q.shape[0]):
-            qi = q[i, qm[i]].float().cpu()
-            scores = torch.stack([(qi @ p.T).max(-1).values.sum() for p in pages])
-            rankings.append([pids[j] for j in scores.argsort(descending=True).tolist()])
+            scores = maxsim_scores(q[i, qm[i]].float().cpu().numpy(), vectors, offsets)  # the index's own scoring
+            rankings.append([pids[j] for j in np.argsort(-scores, kind="stable").tolist()])
     model.train()
     return summarize(rankings, [{x["positive"]} for x in qs])
 
@@ -126,7 +129,7 @@ def train(args) -> dict:
         with autocast(device, amp):
             d, dm = encode(model, proc.process_images([ds.image(p) for p in page_ids]), device)
             q, qm = encode(model, proc.process_queries(queries=[x["query"] for x in qs]), device)
-        scores = maxsim(q, qm, d, dm)
+        scores = length_normalised_maxsim(q, qm, d, dm)
         loss = F.cross_entropy(scores / args.temperature, torch.arange(len(qs), device=device))
         optimizer_step(opt, loss, params)
         step += 1
@@ -142,7 +145,7 @@ def train(args) -> dict:
     result = {f"val_{k}": v for k, v in evaluate(model, proc, ds, "val", device, amp).items()}
     log(event="done", step=step, **result)
     save_final(model, proc, out / "final")
-    (out / "result.json").write_text(json.dumps({"step": step, **result}))
+    write_json(out / "result.json", {"step": step, **result})
     return result
 
 

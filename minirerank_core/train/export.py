@@ -4,7 +4,11 @@
 
   assets/reranker/       the student: HF save_pretrained (safetensors, config, tokenizer, processor config) +
                          minirerank_config.json (RerankConfig fields it was trained with, template strings, ...)
+  assets/teacher/        the dense point-wise teacher the student was distilled from (benchmarks/quality.py)
   assets/embedder/       the ColQwen3 embedder: HF save_pretrained + processor config
+  assets/listwise/       the listwise (ZipRerank) student, when the run has one (RUN/listwise/final): its weights
+                         stored as float16 (half the bytes; loaded as float32 on a CPU) + minirerank_config.json
+                         with its ListwiseConfig per layout; checked to score as the float32 model does
   assets/sample_corpus/  --sample-pages test-split pages (PNG, named by page id) + queries.json; every query is
                          run through the default pipeline (embedder top-k over the sample corpus, then the student
                          with pruning) and marked with whether its relevant page came out on top ("demo": true)
@@ -21,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from ..engine.settings import read_settings, write_settings
+from ..fileio import format_tag, write_json
 from .data import DataSet
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
@@ -51,6 +56,43 @@ def verify_offline(reranker_dir: Path, embedder_dir: Path) -> dict:
     return out
 
 
+def export_listwise(src: Path, dst: Path, dtype: str = "float16", check_images: list | None = None,
+                    query: str = "module") -> dict:
+    """Write the listwise student of `src` to `dst` with its weights stored as `dtype` ("float16": half the bytes of
+    float32, a relative rounding error of 2^-11), its processor and listwise settings. Reloads `dst` offline with
+    ListwiseReranker.from_pretrained (each saved layout) and, given `check_images`, returns how far its single
+    pass logits on them are from `src`'s: {"max_abs_diff", "max_logit", "params"}."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from ..rerankers.listwise import ListwiseReranker
+    from ..rerankers.listwise.settings import read_listwise_settings
+
+    if read_listwise_settings(src) is None:
+        raise SystemExit(f"{src} has no listwise settings (minirerank_config.json 'listwise'): not a listwise stage output")
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    model = AutoModelForImageTextToText.from_pretrained(str(src), dtype=getattr(torch, dtype))
+    model.save_pretrained(dst)
+    for name in MODEL_FILES:
+        if name not in ("config.json", "generation_config.json", "model.safetensors") and (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    saved = read_listwise_settings(dst)
+    out: dict = {"params": sum(p.numel() for p in model.parameters())}
+    for mode in saved.configs:
+        ListwiseReranker.from_pretrained(dst, mode=mode, local_files_only=True)
+    if check_images:
+        from ..pages import Page
+
+        pages = [Page(im, id=f"p{i}") for i, im in enumerate(check_images)]
+        cfg = saved.config().replace(device="cpu", dtype="float32")
+        a = ListwiseReranker.from_pretrained(src, cfg).score(query, pages)
+        b = ListwiseReranker.from_pretrained(dst, cfg).score(query, pages)
+        out.update(max_abs_diff=max(abs(x - y) for x, y in zip(a, b)), max_logit=max(abs(x) for x in a))
+    return out
+
+
 def choose_sample(ds: DataSet, n_pages: int, n_docs: int) -> list[str]:
     """`n_pages` test pages from the `n_docs` test documents with the most queried pages (similar pages side by
     side make the demo non-trivial)."""
@@ -68,10 +110,8 @@ def choose_sample(ds: DataSet, n_pages: int, n_docs: int) -> list[str]:
 def build_sample_corpus(ds: DataSet, out_dir: Path, reranker_dir: Path, embedder_dir: Path, n_pages: int, n_docs: int,
                         top_k: int = 10) -> dict:
     from ..pages import Page
-    from ..reranker import MiniReranker
-    from ..retrieval.embedder import PageEmbedder
-    from ..retrieval.importance import query_importances
-    from ..retrieval.index import PageIndex
+    from ..rerankers import MiniReranker
+    from ..retrieval import FirstStage
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -81,30 +121,22 @@ def build_sample_corpus(ds: DataSet, out_dir: Path, reranker_dir: Path, embedder
         shutil.copy2(ds.image_path(p), out_dir / f"{p}.png")
     pages = [Page(out_dir / f"{p}.png", id=p) for p in page_ids]
     mini = MiniReranker.from_pretrained(reranker_dir)  # with the settings and prompt it was trained with
-    embedder = PageEmbedder.from_pretrained(str(embedder_dir), pixel_budget=mini.pixel_budget)
-    embs = embedder.encode_pages(pages, show_progress=False)
-    index = PageIndex()
-    index.add(embs)
-    by_id = {e.page_id: e for e in embs}
-    page_by_id = {p.id: p for p in pages}
+    first_stage = FirstStage.from_pretrained(embedder_dir, reranker=mini)
+    first_stage.add(pages)
     entries = []
     for q in ds.split_queries("test"):
-        if q["positive"] not in by_id:
+        if q["positive"] not in page_ids:
             continue
-        q_emb = embedder.encode_query(q["query"])
-        hits = index.search(q_emb, k=min(top_k, len(pages)))
-        cand = [h.page_id for h in hits]
-        imps = query_importances(q_emb, [by_id[c] for c in cand], [mini.visual_grid(page_by_id[c]) for c in cand])
-        res = mini.rerank(q["query"], [page_by_id[c] for c in cand], importance=imps)
+        cands = first_stage.candidates(q["query"], min(top_k, len(pages)), mini)
+        res = mini.rerank(q["query"], cands)
         entries.append(dict(query=q["query"], relevant=[q["positive"]], type=q["type"],
-                            first_stage_top1=cand[0] == q["positive"], mini_top1=res[0].page_id == q["positive"],
+                            first_stage_top1=cands[0].page_id == q["positive"], mini_top1=res[0].page_id == q["positive"],
                             demo=res[0].page_id == q["positive"]))
     n = max(1, len(entries))
     summary = dict(n_queries=len(entries), n_pages=len(pages), top_k=min(top_k, len(pages)),
                    first_stage_top1_accuracy=sum(e["first_stage_top1"] for e in entries) / n,
                    mini_top1_accuracy=sum(e["mini_top1"] for e in entries) / n)
     doc = {
-        "format": "minirerank-sample-queries/1",
         "source": "held-out test split of the minirerank training data (Python standard-library docstrings, "
                   "rendered); page ids are the PNG file stems",
         "pipeline": "ColQwen3 embedder (assets/embedder) top-k over these pages, then the mini student "
@@ -112,7 +144,7 @@ def build_sample_corpus(ds: DataSet, out_dir: Path, reranker_dir: Path, embedder
         "accuracy": summary,
         "queries": entries,
     }
-    (out_dir / "queries.json").write_text(json.dumps(doc, indent=1))
+    write_json(out_dir / "queries.json", doc, format=format_tag("sample-queries", 1))
     return summary
 
 
@@ -132,15 +164,23 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    rdir, edir = args.assets / "reranker", args.assets / "embedder"
+    rdir, edir, tdir = args.assets / "reranker", args.assets / "embedder", args.assets / "teacher"
     copy_model(args.run / "student" / "final", rdir)
     copy_model(args.run / "embedder" / "final", edir)
+    copy_model(args.run / "teacher" / "final", tdir)
     saved = read_settings(rdir)
-    write_settings(rdir, saved.config, saved.template, **{**saved.extra, "embedder": "../embedder",
-                                                           "trained_by": "minirerank_core.train (see MODEL_CARD.md)"})
+    write_settings(rdir, saved.config, saved.template, listwise=saved.listwise,
+                   **{**saved.extra, "embedder": "../embedder", "trained_by": "minirerank_core.train (see MODEL_CARD.md)"})
     sizes = verify_offline(rdir, edir)
+    dirs = [rdir, tdir, edir]
+    if (args.run / "listwise" / "final").exists():
+        ds = DataSet(args.data)
+        ldir = args.assets / "listwise"
+        check = [ds.image(p) for p in ds.page_ids("test")[:8]]
+        sizes["listwise"] = export_listwise(args.run / "listwise" / "final", ldir, check_images=check)
+        dirs.append(ldir)
     summary = build_sample_corpus(DataSet(args.data), args.assets / "sample_corpus", rdir, edir, args.sample_pages, args.sample_docs)
-    mb = {d.name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for d in (rdir, edir, args.assets / "sample_corpus")}
+    mb = {d.name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for d in (*dirs, args.assets / "sample_corpus")}
     print(json.dumps({"sizes_mb": mb, **sizes, "sample": summary}))
 
 

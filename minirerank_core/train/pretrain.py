@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..fileio import write_json
 from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at, optimizer_step, progress,
                      save_checkpoint, set_lr, setup_runtime)
 from .data import DataSet
@@ -232,7 +233,7 @@ def train(args) -> dict:
             log(step=step, **evaluate(reader, proc, ds, targets, val_ids, device, amp))
     bar.close()
     result = evaluate(reader, proc, ds, targets, val_ids, device, amp)
-    (out / "result.json").write_text(json.dumps({"step": step, **result}))
+    write_json(out / "result.json", {"step": step, **result})
     log(event="done", **result)
     return result
 

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..fileio import write_json
+
 # Arguments of train.data.build for the shipped models' dataset (benchmarks/quality.py rebuilds it from these).
 DATA = dict(seed=0, vocab_size=2048, grid_frac=1.0, grid_px=16, max_pages_per_doc=40)
 STUDENT = dict(exit_layer=6, band=(2, 5), keep_ratio=0.5)
@@ -28,6 +30,9 @@ TEACHER_PHASES = (
 )
 TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "20", "--guide-layers", "2", "3", "4",
            "--guide-weight", "1.0", "--eval-queries", "80"]
+# The listwise student (train.listwise) starts from the teacher and distils it in both listwise layouts: ZipRerank's
+# single pass at the QI-EI keep ratio it ships with, and the cached vision-first layout (every layer, no pruning).
+LISTWISE = dict(steps=600, keep_ratio=0.5, window=20, min_window=12, lr=5e-4)
 
 
 def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | None, list[str]]]:
@@ -60,6 +65,12 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--negatives", "first-stage", "--out", str(run / "student"), *student, "--steps", s(600, 3), "--groups", "2",
           "--hard", "3", "--extra-queries", "2", "--lr", "3e-4", "--warmup", s(10, 1)]
          + (["--eval-queries", "8"] if smoke else [])),
+        ("listwise", run / "listwise", None,
+         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "teacher" / "final"),
+          "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
+          "--out", str(run / "listwise"), "--steps", s(LISTWISE["steps"], 3), "--keep-ratio", str(LISTWISE["keep_ratio"]),
+          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3), "--lr", str(LISTWISE["lr"]),
+          "--warmup", s(20, 1)] + (["--eval-queries", "4"] if smoke else ["--eval-every", "200"])),
     ]
 
 
@@ -99,7 +110,7 @@ def main(argv=None) -> None:
         t = time.time()
         subprocess.run(full, check=True)
         timings[name] = timings.get(name, 0.0) + time.time() - t
-        (run / "timings.json").write_text(json.dumps(timings, indent=1))
+        write_json(run / "timings.json", timings)
     print(json.dumps({"timings_s": timings, "total_s": sum(timings.values())}), flush=True)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileio import write_json
 from ..engine.config import RerankConfig
 from ..engine.families import adapter_for
 from ..engine.prefill import prefill_pages, prefix_kv, query_ids, tokenize
@@ -44,7 +45,8 @@ from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at,
                      save_checkpoint, set_lr, setup_runtime)
 from .data import DataSet
 from .metrics import summarize
-from .models import FrozenVisionCache, load_pretrained_reader, n_params, reranker_processor, visual_module
+from .models import (FrozenVisionCache, load_pretrained_reader, n_params, reranker_processor, text_embeddings,
+                     visual_module)
 
 def shared_offset_for(tokenizer, template: PromptTemplate, max_visual_tokens: int) -> int:
     """The offset MiniReranker picks by default: any page's query start is <= |P| + 2 + max visual tokens."""
@@ -254,7 +256,7 @@ class Importance:
         tq = [q for q in dict.fromkeys(queries) if q not in self.queries]
         if tq:
             self.queries.update(zip(tq, self.embedder.encode_queries(tq)))
-        return [[query_importance(self.queries[q], self.pages[p], None if grids is None else grids[j])
+        return [[query_importance(self.queries[q], self.pages[p], None if grids is None else grids[j]).flat()
                  for j, p in enumerate(page_ids)] for q in queries]
 
 
@@ -264,7 +266,7 @@ def sample_batch(ds: DataSet, queries_by_page: dict[str, list[dict]], train_q: l
     """G queries with distinct positives, K negatives each (a `random_frac` share drawn from all pages, the rest
     from the query's hard-negative pool), and up to `extra` further queries of pages already in the batch."""
     qs, pages = [], []
-    for q in rng.sample(train_q, 4 * groups):
+    for q in rng.sample(train_q, min(len(train_q), 4 * groups)):  # the same draws whenever 4G queries exist
         if q["positive"] in pages:
             continue
         qs.append(q)
@@ -308,7 +310,7 @@ def evaluate(model, processor, cfg: RerankConfig, ds: DataSet, split: str, impor
              n_candidates: int = 10, max_queries: int | None = None) -> dict:
     """Rerank each query's [positive + BM25 hard negatives] with MiniReranker (the inference facade)."""
     from ..pages import Page
-    from ..reranker import MiniReranker
+    from ..rerankers import MiniReranker
 
     was_training = model.training
     rr = MiniReranker(model, processor, cfg)
@@ -391,17 +393,7 @@ def train(args) -> dict:
     if cfg.keep_ratio < 1.0 and importance is None:
         raise SystemExit("--keep-ratio < 1 trains pruning-aware and needs --embedder (the first stage's importance maps)")
 
-    frozen = set()
-    if not args.train_vision:
-        frozen = {id(p) for p in visual_module(model).parameters()}
-    if not args.train_embeddings:
-        # The token-embedding table (tied with the LM head) is what `pretrain` aligned the visual tokens with; Adam
-        # steps on it from a noisy yes/no loss scramble that alignment within a few dozen steps, so it stays fixed.
-        frozen.add(id(model.model.language_model.embed_tokens.weight))
-    # Layers at or after the exit never run in the student: leave them untouched.
-    params = [p for n, p in model.named_parameters() if id(p) not in frozen and not _after_exit(n, cfg.exit_layer)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(id(p) not in frozen and not _after_exit(n, cfg.exit_layer))
+    params = trainable_parameters(model, cfg.exit_layer, args.train_vision, args.train_embeddings)
     guide = None
     if args.guide_layers and args.stage == "teacher" and args.guide_weight > 0:
         guide = AttentionGuide(model, PageTokenCells(ds, tok), args.guide_layers)
@@ -471,8 +463,24 @@ def train(args) -> dict:
     model.save_pretrained(final)
     processor.save_pretrained(final)
     write_settings(final, cfg, DEFAULT_TEMPLATE, max_visual_tokens=mvt, training={"stage": args.stage, "steps": step, **result})
-    (out / "result.json").write_text(json.dumps({"step": step, **result}))
+    write_json(out / "result.json", {"step": step, **result})
     return result
+
+
+def trainable_parameters(model, exit_layer: int, train_vision: bool = False, train_embeddings: bool = False) -> list:
+    """Set requires_grad on `model` the way the recipe trains it and return the trainable parameters."""
+    frozen = set()
+    if not train_vision:
+        frozen = {id(p) for p in visual_module(model).parameters()}
+    if not train_embeddings:
+        # The token-embedding table (tied with the LM head) is what `pretrain` aligned the visual tokens with; Adam
+        # steps on it from a noisy yes/no loss scramble that alignment within a few dozen steps, so it stays fixed.
+        frozen.add(id(text_embeddings(model).weight))
+    # Layers at or after the exit never run in the student: leave them untouched.
+    params = [p for n, p in model.named_parameters() if id(p) not in frozen and not _after_exit(n, exit_layer)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(id(p) not in frozen and not _after_exit(n, exit_layer))
+    return params
 
 
 def _after_exit(name: str, exit_layer: int) -> bool:

@@ -8,29 +8,14 @@ from typing import Any, Optional
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict
 
-from minirerank_core import InvalidQueryError, Page
+from minirerank_core import Page
+from minirerank_core.glue import IMPORTANCE_KEY, INDEX_IMPORTANCE_KEY, NoImage, RerankAdapter, is_image_file_name, page_from_base64, page_from_path
+from minirerank_core.glue.images import page_from_url
+from minirerank_core.glue.reranking import ScoreScale
 from minirerank_core.pages.page import looks_like_base64_image
-
-from minirerank_core.integration import (
-    IMPORTANCE_KEY,
-    NoImage,
-    Scorer,
-    build_reranker,
-    check_batch_size,
-    check_importance,
-    check_policy,
-    check_top_n,
-    collect_pages,
-    importance_array,
-    is_image_file_name,
-    local_path_from_url,
-    model_name,
-    select,
-    page_from_base64,
-    page_from_path,
-)
+from minirerank_core.validation import check_query
 
 
 def document_page(doc: Document, page_id: str) -> Page:
@@ -48,10 +33,7 @@ def document_page(doc: Document, page_id: str) -> Page:
     if isinstance(md.get("image"), (str, bytes)) and md["image"]:
         return page_from_base64(md["image"], page_id=page_id, where="metadata['image'] (base64)")
     if md.get("image_url"):
-        url = str(md["image_url"])
-        if url[:5].lower() == "data:":
-            return page_from_base64(url, page_id=page_id, where="metadata['image_url'] (data URL)")
-        return page_from_path(local_path_from_url(url), page_id=page_id, where="metadata['image_url']")
+        return page_from_url(str(md["image_url"]), page_id=page_id, where="metadata['image_url']")
     for key in ("file_path", "source"):
         value = md.get(key)
         if isinstance(value, str) and value and is_image_file_name(value):
@@ -62,14 +44,17 @@ def document_page(doc: Document, page_id: str) -> Page:
     )
 
 
-class MiniRerank(BaseDocumentCompressor):
+class MiniRerank(RerankAdapter, BaseDocumentCompressor):
     """Rerank page-image documents with a minirerank model (point-wise MiniReranker or listwise ListwiseReranker).
 
     Images come from ``metadata["image_path"]`` or a base64 / data-URL ``page_content`` (see
     :func:`document_page` for every source). Returned documents are copies, best first, with the same
-    ``id`` and metadata plus ``metadata["relevance_score"]`` (a Python float; logit(yes) - logit(no) for
-    point-wise models). Documents from MiniRerankRetriever carry the first stage's similarity map, used to
-    prune visual tokens when the reranker's ``keep_ratio < 1``.
+    ``id`` and metadata plus ``metadata["relevance_score"]`` (a Python float): with ``score="probability"``
+    (the default) sigmoid of the reranker's score, in [0, 1] (point-wise: P(yes) against no; listwise: sigmoid
+    of the page's label logit, in rank order but not a calibrated probability), with ``score="logit"`` the raw
+    score; ``score_threshold`` is on the same scale. Documents from MiniRerankRetriever carry the first stage's
+    similarity maps, used to prune visual tokens when the reranker's ``keep_ratio < 1``; others are scored
+    unpruned (UnprunedWarning).
 
         compressor = MiniRerank(MiniReranker.from_pretrained("path/to/checkpoint"), top_n=3)
         # or: MiniRerank(model="path/to/checkpoint", device="cuda"), or MiniRerank() for the shipped default
@@ -78,23 +63,13 @@ class MiniRerank(BaseDocumentCompressor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="Name of the reranker checkpoint.")
-    top_n: Optional[int] = Field(default=5, description="Number of documents to return (None = all).")
-    score_threshold: Optional[float] = Field(default=None, description="Drop documents scoring below this.")
-    mode: str = Field(default="pointwise", description="'pointwise' (MiniReranker) or 'listwise' (ListwiseReranker).")
-    batch_size: Optional[int] = Field(default=None, description="Candidates per model call in point-wise mode (None = all).")
-    device: Optional[str] = Field(default=None, description="Device of the reranker.")
-    on_missing_image: str = Field(default="raise", description="'raise' or 'skip' (with a warning).")
-
-    _reranker: Any = PrivateAttr()
-    _scorer: Scorer = PrivateAttr()
-
     def __init__(
         self,
         reranker: Any = None,
         *,
         model: str | os.PathLike[str] | None = None,
         top_n: Optional[int] = 5,
+        score: ScoreScale = "probability",
         score_threshold: Optional[float] = None,
         mode: Optional[str] = None,
         batch_size: Optional[int] = None,
@@ -103,74 +78,39 @@ class MiniRerank(BaseDocumentCompressor):
         cache_dir: str | os.PathLike[str] | None = None,
         on_missing_image: str = "raise",
     ) -> None:
-        check_top_n(top_n)
-        check_batch_size(batch_size)
-        check_policy(on_missing_image)
-        instance, resolved_mode = build_reranker(
-            reranker, model, mode=mode, device=device, config=config, cache_dir=cache_dir  # type: ignore[arg-type]
-        )
-        current = getattr(getattr(instance, "config", None), "device", None)
-        super().__init__(
-            model=model_name(instance) if model is None else str(model),
-            top_n=top_n,
-            score_threshold=None if score_threshold is None else float(score_threshold),
-            mode=resolved_mode,
-            batch_size=batch_size,
-            device=device if device is not None else (None if current is None else str(current)),
-            on_missing_image=on_missing_image,
-        )
+        instance, fields = self._fields(reranker, model, top_n=top_n, score=score, score_threshold=score_threshold,
+                                        mode=mode, batch_size=batch_size, device=device, config=config,
+                                        cache_dir=cache_dir, on_missing_image=on_missing_image)
+        super().__init__(**fields)
         self._reranker = instance
-        self._scorer = Scorer(instance, resolved_mode, batch_size)
 
-    @property
-    def reranker(self) -> Any:
-        """The underlying MiniReranker / ListwiseReranker."""
-        return self._reranker
+    def _items(self, documents: Sequence[Document]):
+        return (documents, document_page, lambda d, i: d.id if d.id is not None else f"#{i}", lambda d: d.metadata,
+                "document")
 
-    def _prepare(self, documents: Sequence[Document], query: str):
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidQueryError(f"MiniRerank needs a non-empty query string, got {query!r}")
-        check_top_n(self.top_n)
-        self._scorer.batch_size = check_batch_size(self.batch_size)
-        pages, kept = collect_pages(
-            documents,
-            document_page,
-            lambda d, i: d.id if d.id is not None else f"#{i}",
-            check_policy(self.on_missing_image),  # type: ignore[arg-type]
-            "document",
-        )
-        importance = [importance_array(documents[i].metadata.get(IMPORTANCE_KEY)) for i in kept]
-        ids = [documents[i].id if documents[i].id is not None else f"#{i}" for i in kept]
-        check_importance(self._reranker, importance, ids, "document")
-        return pages, kept, importance
-
-    def _finish(self, documents: Sequence[Document], kept: list[int], ranked: list[tuple[int, float]]) -> list[Document]:
+    @staticmethod
+    def _finish(documents: Sequence[Document], ranked: list[tuple[int, float]]) -> list[Document]:
         out = []
-        for j, score in select(ranked, self.top_n, self.score_threshold):
-            doc = documents[kept[j]]
-            metadata = {k: v for k, v in doc.metadata.items() if k != IMPORTANCE_KEY}
+        for i, score in ranked:
+            doc = documents[i]
+            metadata = {k: v for k, v in doc.metadata.items() if k not in (IMPORTANCE_KEY, INDEX_IMPORTANCE_KEY)}
             metadata["relevance_score"] = score
             out.append(Document(page_content=doc.page_content, metadata=metadata, id=doc.id))
         return out
 
-    def compress_documents(
-        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
-    ) -> Sequence[Document]:
+    def compress_documents(self, documents: Sequence[Document], query: str,
+                           callbacks: Callbacks | None = None) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``: at most ``top_n``, best first, scores in metadata["relevance_score"]."""
+        query = check_query(query)
         if not documents:
             return []
-        pages, kept, importance = self._prepare(documents, query)
-        ranked = self._scorer.rank(query, pages, importance) if pages else []
-        return self._finish(documents, kept, ranked)
+        return self._finish(documents, self._rank_items(query, *self._items(documents)))
 
-    async def acompress_documents(
-        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
-    ) -> Sequence[Document]:
-        """Non-blocking: page files are read and hashed concurrently in threads and the model runs batch by
-        batch on one worker thread per reranker (concurrent queries queue there); the event loop is never
-        blocked. The model itself is synchronous PyTorch."""
+    async def acompress_documents(self, documents: Sequence[Document], query: str,
+                                  callbacks: Callbacks | None = None) -> Sequence[Document]:
+        """Non-blocking: page files are read and hashed in threads and the model runs batch by batch on one worker
+        thread per reranker (concurrent queries queue there). The model itself is synchronous PyTorch."""
+        query = check_query(query)
         if not documents:
             return []
-        pages, kept, importance = self._prepare(documents, query)
-        ranked = await self._scorer.arank(query, pages, importance) if pages else []
-        return self._finish(documents, kept, ranked)
+        return self._finish(documents, await self._arank_items(query, *self._items(documents)))

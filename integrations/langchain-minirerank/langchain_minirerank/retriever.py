@@ -10,7 +10,10 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from minirerank_core.integration import IMPORTANCE_KEY, Base64Cache, Candidate, afirst_stage, check_k, check_pipeline, first_stage, page_label
+from minirerank_core.candidates import Candidate
+from minirerank_core.glue import RetrieverAdapter, page_label
+from minirerank_core.glue.retrieval import check_pipeline
+from minirerank_core.validation import check_positive_int
 
 
 class MiniRerankRetriever(BaseRetriever):
@@ -20,8 +23,8 @@ class MiniRerankRetriever(BaseRetriever):
     Returns one Document per page, best first: ``id`` = the page id (stable across runs), ``page_content`` = a
     short label ("report.pdf, page 3"), metadata = the page's index metadata (source, document, page, ...)
     plus ``retrieval_score`` / ``retrieval_rank``, the image as ``metadata["image_path"]`` (or base64 PNG in
-    ``metadata["image"]`` for pages without a file), and with ``include_importance`` the query's similarity
-    map on the reranker's grid in ``metadata["minirerank_importance"]`` for :class:`MiniRerank` to prune with.
+    ``metadata["image"]`` for pages without a file), and with ``include_importance`` the first stage's maps on
+    the reranker's grid (``metadata["minirerank_importance"]``) for :class:`MiniRerank` to prune with.
 
         retriever = ContextualCompressionRetriever(
             base_compressor=MiniRerank(pipeline.reranker, top_n=5),
@@ -33,9 +36,9 @@ class MiniRerankRetriever(BaseRetriever):
 
     pipeline: Any = Field(description="A minirerank_core.pipeline.RerankPipeline.")
     k: int = Field(default=20, description="Number of pages to return.")
-    include_importance: bool = Field(default=True, description="Attach the pruning map for the reranker.")
+    include_importance: bool = Field(default=True, description="Attach the pruning maps for the reranker.")
 
-    _images: Base64Cache = PrivateAttr(default_factory=Base64Cache)
+    _core: RetrieverAdapter = PrivateAttr()
 
     @field_validator("pipeline")
     @classmethod
@@ -45,29 +48,23 @@ class MiniRerankRetriever(BaseRetriever):
     @field_validator("k")
     @classmethod
     def _check_k(cls, value: int) -> int:
-        return check_k(value)
+        return check_positive_int("k", value)
+
+    def model_post_init(self, context: Any) -> None:
+        self._core = RetrieverAdapter(self.pipeline, self.include_importance)
 
     def _document(self, c: Candidate) -> Document:
-        metadata = {**c.metadata, "page_id": c.page_id, "retrieval_score": c.score, "retrieval_rank": c.rank}
-        if c.page.source:
-            metadata["image_path"] = c.page.source
-        else:
-            metadata["image"] = self._images.get(c.page)
-        if self.include_importance and c.importance is not None:
-            metadata[IMPORTANCE_KEY] = c.importance
-        return Document(page_content=page_label(c), metadata=metadata, id=c.page_id)
+        return Document(page_content=page_label(c), metadata={**self._core.metadata(c), **self._core.image(c)}, id=c.page_id)
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: Optional[int] = None, **kwargs: Any
     ) -> list[Document]:
-        k = self.k if k is None else check_k(k)
-        return [self._document(c) for c in first_stage(self.pipeline, query, k, self.include_importance)]
+        return [self._document(c) for c in self._core.candidates(query, self.k if k is None else k)]
 
     async def _aget_relevant_documents(
         self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, k: Optional[int] = None, **kwargs: Any
     ) -> list[Document]:
-        """Non-blocking: query encoding and search run on the embedder's model thread, any page prefill on the
-        reranker's, and documents (which may PNG-encode pages kept in memory) are built in a worker thread."""
-        k = self.k if k is None else check_k(k)
-        candidates = await afirst_stage(self.pipeline, query, k, self.include_importance)
+        """Non-blocking: query encoding, search and maps run on the embedder's model thread, and documents (which may
+        PNG-encode pages kept in memory) are built in a worker thread."""
+        candidates = await self._core.acandidates(query, self.k if k is None else k)
         return await asyncio.to_thread(lambda: [self._document(c) for c in candidates])

@@ -6,12 +6,14 @@ import torch
 
 from ...errors import UnsupportedModelError
 from .base import FamilyAdapter, VisualFeatures
+from .qwen2_5_vl import Qwen2_5VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "qwen3_vl": Qwen3VLAdapter,
     "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2_5VLAdapter,
 }
 
 
@@ -20,7 +22,8 @@ def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"model type {model_type!r} ({type(model).__name__}) is not supported; "
-            f"supported: {sorted(ADAPTERS)} (Qwen3VLForConditionalGeneration, Qwen2VLForConditionalGeneration)"
+            f"supported: {sorted(ADAPTERS)} (Qwen3VLForConditionalGeneration, Qwen2VLForConditionalGeneration, "
+            "Qwen2_5_VLForConditionalGeneration)"
         )
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise UnsupportedModelError(f"expected a *ForConditionalGeneration model, got {type(model).__name__}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...errors import UnsupportedModelError
+
 
 @dataclass
 class VisualFeatures:
@@ -37,6 +39,14 @@ class FamilyAdapter:
         self.num_kv_heads: int = text.config.num_key_value_heads
         self.head_dim: int = getattr(text.config, "head_dim", None) or text.config.hidden_size // text.config.num_attention_heads
         self.hidden_size: int = text.config.hidden_size
+        # The engine builds full causal masks itself; a sliding-window layer would see more than HF lets it.
+        sliding = [i for i, t in enumerate(getattr(text.config, "layer_types", None) or []) if t != "full_attention"]
+        if sliding:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: LM layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} use sliding-window "
+                "attention, which the cached engine does not implement (released Qwen-VL checkpoints set "
+                "use_sliding_window=false)"
+            )
 
     # --- the language model's pieces -------------------------------------------------------------
     @property

@@ -8,19 +8,11 @@ from typing import Any, List, Optional
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle
-from minirerank_core.integration import (
-    IMPORTANCE_KEY,
-    Base64Cache,
-    Candidate,
-    afirst_stage,
-    check_k,
-    check_pipeline,
-    first_stage,
-    page_label,
-)
 
-# bulky or machine-specific keys an LLM or an embedding model should not see
-_HIDDEN_KEYS = [IMPORTANCE_KEY, "image_path", "render", "width", "height", "page_count", "retrieval_rank"]
+from minirerank_core.candidates import Candidate
+from minirerank_core.glue import RetrieverAdapter, page_label
+from minirerank_core.glue.retrieval import HIDDEN_KEYS
+from minirerank_core.validation import check_positive_int
 
 
 class MiniRerankRetriever(BaseRetriever):
@@ -30,9 +22,9 @@ class MiniRerankRetriever(BaseRetriever):
     Returns one ImageNode per page, best first: ``id_`` = the page id (stable across runs: document, page
     number and content hash), ``score`` = the MaxSim score, ``image_path`` = the page image file (or ``image``
     = base64 PNG for pages that have no file), and the page's index metadata (source, document, page, ...)
-    plus ``retrieval_rank``. With ``include_importance`` each node also carries the query's similarity map on
-    the reranker's visual-token grid under ``metadata["minirerank_importance"]`` (hidden from LLM and embed
-    metadata), which :class:`llama_index.postprocessor.minirerank.MiniRerank` uses to prune.
+    plus ``retrieval_rank``. With ``include_importance`` each node also carries the first stage's maps on the
+    reranker's visual-token grid (``metadata["minirerank_importance"]``, hidden from LLM and embed metadata),
+    which :class:`llama_index.postprocessor.minirerank.MiniRerank` uses to prune.
 
         retriever = MiniRerankRetriever(pipeline, similarity_top_k=20)
         engine = RetrieverQueryEngine.from_args(retriever, node_postprocessors=[MiniRerank(pipeline.reranker, top_n=5)])
@@ -47,15 +39,13 @@ class MiniRerankRetriever(BaseRetriever):
         callback_manager: Optional[CallbackManager] = None,
         verbose: bool = False,
     ) -> None:
-        self._pipeline = check_pipeline(pipeline)
-        self._similarity_top_k = check_k(similarity_top_k, "similarity_top_k")
-        self._include_importance = bool(include_importance)
-        self._images = Base64Cache()
+        self._core = RetrieverAdapter(pipeline, include_importance)
+        self._similarity_top_k = check_positive_int("similarity_top_k", similarity_top_k)
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     @property
     def pipeline(self) -> Any:
-        return self._pipeline
+        return self._core.pipeline
 
     @property
     def similarity_top_k(self) -> int:
@@ -63,31 +53,25 @@ class MiniRerankRetriever(BaseRetriever):
 
     @similarity_top_k.setter
     def similarity_top_k(self, value: int) -> None:
-        self._similarity_top_k = check_k(value, "similarity_top_k")
+        self._similarity_top_k = check_positive_int("similarity_top_k", value)
 
     def _node(self, c: Candidate) -> NodeWithScore:
-        metadata = {**c.metadata, "page_id": c.page_id, "retrieval_rank": c.rank}
-        if self._include_importance and c.importance is not None:
-            metadata[IMPORTANCE_KEY] = c.importance
-        image: dict[str, Any] = {"image_path": c.page.source} if c.page.source else {"image": self._images.get(c.page), "image_mimetype": "image/png"}
         node = ImageNode(
             id_=c.page_id,
             text=page_label(c),
-            metadata=metadata,
-            excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
-            excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
-            **image,
+            metadata=self._core.metadata(c, with_score=False),
+            excluded_llm_metadata_keys=list(HIDDEN_KEYS),
+            excluded_embed_metadata_keys=list(HIDDEN_KEYS),
+            **self._core.image(c),
+            **({} if c.page.source else {"image_mimetype": "image/png"}),
         )
-        return NodeWithScore(node=node, score=c.score)
+        return NodeWithScore(node=node, score=c.first_stage_score)
 
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
-        candidates = first_stage(self._pipeline, query_bundle.query_str, self._similarity_top_k, self._include_importance)
-        return [self._node(c) for c in candidates]
+        return [self._node(c) for c in self._core.candidates(query_bundle.query_str, self._similarity_top_k)]
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
-        """Non-blocking: query encoding and search run on the embedder's model thread, any page prefill on the
-        reranker's, and nodes (which may PNG-encode pages kept in memory) are built in a worker thread."""
-        candidates = await afirst_stage(
-            self._pipeline, query_bundle.query_str, self._similarity_top_k, self._include_importance
-        )
+        """Non-blocking: query encoding, search and maps run on the embedder's model thread, and nodes (which may
+        PNG-encode pages kept in memory) are built in a worker thread."""
+        candidates = await self._core.acandidates(query_bundle.query_str, self._similarity_top_k)
         return await asyncio.to_thread(lambda: [self._node(c) for c in candidates])

@@ -1,0 +1,613 @@
+"""Stage `listwise`: a ZipRerank listwise student, distilled from the dense point-wise teacher.
+
+    python -m minirerank_core.train.listwise --data DATA --init RUN/teacher/final --teacher RUN/teacher/final \\
+        --embedder RUN/embedder/final --out RUN/listwise
+
+The student trains through the listwise reranker's own inference code, differentiably:
+
+  single pass (ZipRerank)  query first, pages labelled [A]..., "[" appended, the label logits as scores; pages
+                           pruned by QI-EI at --keep-ratio with their original M-RoPE positions
+                           (single_pass.window_sequence / pruned_sequence / single_pass_logits)
+  cached (vision-first)    each page's band KV from the point-wise page prefill (engine.prefill.prefill_pages,
+                           differentiable), one query segment with bound labels (cached.cached_window /
+                           cached_logits) at --cached-exit-layer / --cached-band / --cached-keep-ratio
+
+Both layouts train the same weights (--layouts picks which; each step runs the same candidates in both, each in
+its own shuffled order). A step is one window of one training query: its positive page, first-stage hard
+negatives (the embedder's top pages, mined once into OUT/mined_negatives.json) with a --random-frac share
+replaced by random training pages, --min-window..--window candidates in all, in random order, so no position
+carries the label. Loss per layout (train/listwise_losses.py):
+
+    --ranknet-weight x RankNet(scores, labels)
+  + --distill-weight x soft-ranking distillation (positive first, then the teacher's order; weights decay^k)
+
+The teacher is a MiniReranker over the teacher checkpoint in its saved (dense) config. Windows come from
+random.Random(f"{seed}:{step}"), so every (query, page) pair the run will need is known before training: their
+teacher scores are computed first, page by page (each page's KV once), and kept in OUT/teacher_scores.json; a
+resumed or extended run computes only the pairs it lacks. Training resumes from OUT/ckpt (model, optimizer,
+step). The vision tower, the token embeddings (tied to the label head) stay frozen.
+
+Validation reranks each validation query's first-stage top --eval-candidates (the embedder's exact MaxSim over
+the split) with ListwiseReranker, the inference facade. OUT/final is a save_pretrained folder whose
+minirerank_config.json holds one ListwiseConfig per trained layout (`ListwiseReranker.from_pretrained(OUT/final)`
+runs single pass as trained; `mode="cached"` the cached layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine.families import adapter_for
+from ..engine.prefill import prefill_pages, prefix_kv, tokenize
+from ..engine.prompt import DEFAULT_TEMPLATE, YesNoHead, label_token_id
+from ..engine.scorer import kept_rows
+from ..fileio import format_tag, read_json, write_json
+from ..rerankers.listwise.cached import cached_logits, cached_window
+from ..rerankers.listwise.config import RANKGPT_LABELS, ListwiseConfig
+from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE, LabelHead, ListwiseTemplate, single_token_ids
+from ..rerankers.listwise.settings import listwise_settings, write_listwise_settings
+from ..rerankers.listwise.single_pass import encode_pages, single_pass_logits, window_sequence
+from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at, progress, save_checkpoint, set_lr,
+                     setup_runtime)
+from .data import DataSet
+from .listwise_losses import ranknet_loss, soft_ranking_loss
+from .metrics import summarize
+from .models import FrozenVisionCache, n_params, visual_module
+
+SCORES_FORMAT = format_tag("listwise-teacher-scores", 1)
+# The trained model's cached label segment: the label, then the point-wise teacher's own question about the page.
+TRAINED_CACHED_LABEL = "\n[{label}] Query: {query}\nDoes the page answer the query?"
+LAYOUTS = ("single_pass", "cached")
+
+
+# --- the student's forward: the reranker's own window code, with gradients ------------------------------------------
+class LayerTap:
+    """Records the output of one LM decoder layer (a forward hook; the inference code is unchanged)."""
+
+    def __init__(self, adapter, layer: int):
+        self.out: torch.Tensor | None = None
+        self.handle = adapter.layers[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.out = output[0] if isinstance(output, tuple) else output
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class WindowOutput:
+    logits: torch.Tensor  # (n,) label logits, the scores
+    anchors: torch.Tensor | None = None  # (m, H) hidden states of the anchor rows at the tapped layer
+    owners: torch.Tensor | None = None  # (m,) the page (label index) of each anchor row
+
+
+class ListwiseScorer:
+    """Label logits of one window, for training, built by the same functions ListwiseReranker runs.
+
+    With `tap_layer`, also the hidden states after that layer at the anchor rows the auxiliary losses read: single
+    pass, every kept visual token (owner: its page); cached, the last token of each page's label segment L_i
+    (it sees the query and only its own page).
+
+    Why auxiliaries: the point-wise teacher already matches query tokens to the page cells that show them. A label
+    logit needs two more things it never learnt: which label a page carries, and which page is best. Single pass
+    (ZipRerank's layout): the instruction's query tokens attend to matching cells across all pages, so cells that
+    carry their page's label hand it to the query tokens, and the final token reads it; the binding loss teaches
+    the cells their label early (--bind-layer), which the label loss alone did not do in a few hundred steps on
+    this CPU. Cached: each label segment sees only its page, so its last token can score the page as the
+    point-wise head does (the relevance loss, --relevance-layer); the tail compares the labels.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor, template: ListwiseTemplate = DEFAULT_LISTWISE_TEMPLATE,
+                 labels: Sequence[str] = RANKGPT_LABELS, image_batch: int = 32):
+        self.model, self.processor, self.template = model, processor, template
+        self.tok = processor.tokenizer
+        self.adapter = adapter_for(model)
+        self.labels = tuple(labels)
+        self.head = LabelHead(model.lm_head, single_token_ids(self.tok, self.labels, "labels"))
+        self.relevance = YesNoHead(model.lm_head, label_token_id(self.tok, DEFAULT_TEMPLATE.positive),
+                                   label_token_id(self.tok, DEFAULT_TEMPLATE.negative))
+        self.answer_id = single_token_ids(self.tok, [template.answer], "the answer prefix")[0]
+        self.prefix_ids = tokenize(self.tok, template.prefix)
+        self.image_batch = image_batch
+
+    def single_pass(self, query: str, images: list, keep_ratio: float = 1.0,
+                    importance: list[torch.Tensor | None] | None = None, tap_layer: int | None = None) -> WindowOutput:
+        """ZipRerank's single pass over `images` in this order (QI-EI when importance is None)."""
+        feats, grid_thw = encode_pages(self.adapter, self.processor.image_processor, images, self.image_batch)
+        seq = window_sequence(self.adapter, self.tok, self.template, self.labels, self.answer_id, query, feats, grid_thw,
+                              keep_ratio, importance)
+        tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None
+        try:
+            logits = single_pass_logits(self.adapter, [seq], self.head)[0, : len(images)]
+        finally:
+            if tap is not None:
+                tap.close()
+        if tap is None:
+            return WindowOutput(logits)
+        rows = torch.nonzero(seq.visual).squeeze(1)  # one unpadded sequence: rows are the sequence's own
+        owners = torch.repeat_interleave(torch.arange(len(seq.keep)), torch.tensor([len(k) for k in seq.keep]))
+        return WindowOutput(logits, tap.out[0, rows], owners.to(rows.device))
+
+    def cached(self, query: str, images: list, exit_layer: int, band: tuple[int, int], keep_ratio: float = 1.0,
+               importance: list[torch.Tensor] | None = None, tap_layer: int | None = None) -> WindowOutput:
+        """The cached layout; the page KV is prefilled here with gradients (the point-wise prefill)."""
+        kvs = prefill_pages(self.adapter, self.processor.image_processor, self.prefix_ids, images, band)
+        imps = importance if importance is not None else [None] * len(kvs)
+        rows = [kept_rows(kv, imp, keep_ratio) for kv, imp in zip(kvs, imps)]
+        window = cached_window(self.tok, self.template, self.labels, self.answer_id, query, kvs, rows)
+        pk = prefix_kv(self.adapter, self.prefix_ids, exit_layer)
+        tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None  # after the prefills: query rows only
+        try:
+            logits = cached_logits(self.adapter, pk, [window], exit_layer, band, self.head)[0, : len(images)]
+        finally:
+            if tap is not None:
+                tap.close()
+        if tap is None:
+            return WindowOutput(logits)
+        seg = window.query.seg
+        last = [int(torch.nonzero(seg == i)[-1]) for i in range(len(images))]
+        return WindowOutput(logits, tap.out[0, last], torch.arange(len(images)))
+
+    def window(self, config: ListwiseConfig, query: str, images: list, importance: list[torch.Tensor] | None = None,
+               tap_layer: int | None = None) -> WindowOutput:
+        """`config`'s layout (resolved: exit_layer / band filled)."""
+        if config.mode == "cached":
+            return self.cached(query, images, config.exit_layer, config.band, config.keep_ratio, importance, tap_layer)
+        imp = importance if config.prune_by == "maps" else None
+        return self.single_pass(query, images, config.keep_ratio, imp, tap_layer)
+
+    def scores(self, config: ListwiseConfig, query: str, images: list,
+               importance: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(n,) label logits of `config`'s layout."""
+        return self.window(config, query, images, importance).logits
+
+    def aux_loss(self, out: WindowOutput, mode: str, positive: int | None, teacher: Sequence[float],
+                 **loss_kw) -> tuple[torch.Tensor, dict[str, float]]:
+        """The auxiliary loss at the anchors (see the class docstring). single_pass, binding: each visual row's
+        label logits (the label head on the tapped state) name its own page's label (cross-entropy). cached,
+        relevance: each label segment's last row scores its page as logit("yes") - logit("no"), trained with the
+        window loss (RankNet on the label, soft-ranking distillation of the teacher)."""
+        h = self.adapter.norm(out.anchors)
+        if mode == "single_pass":
+            n = int(out.owners.max()) + 1
+            bind = F.cross_entropy(self.head(h)[:, :n], out.owners.to(h.device))
+            return bind, {"aux_binding": float(bind.detach())}
+        rel, parts = window_loss(self.relevance(h), positive, teacher, **loss_kw)
+        return rel, {f"aux_{k}": v for k, v in parts.items()}
+
+
+# --- windows -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    qid: str
+    pages: tuple[str, ...]  # the window's candidates (page ids), in no meaningful order
+    orders: tuple[tuple[int, ...], ...]  # per layout: the prompt order (indices into pages)
+
+
+def sample_window(positive: str, hard: Sequence[str], all_pages: Sequence[str], rng: random.Random, size: int,
+                  random_frac: float) -> list[str]:
+    """The positive, then hard negatives in first-stage order with a `random_frac` share of slots given to random
+    pages instead, filled up with random pages; `size` distinct pages (the caller shuffles)."""
+    pages, hard = [positive], [p for p in hard if p != positive]
+    while len(pages) < size:
+        if hard and rng.random() >= random_frac:
+            p = hard.pop(0)
+        else:
+            p = rng.choice(all_pages)
+        if p not in pages:
+            pages.append(p)
+    return pages
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Window sizes and the random-negative share, moved linearly from their start to their end values over the
+    first `ramp` share of the steps: a student that has not yet bound labels to pages first learns it on short lists
+    of easy negatives (a few pages, several times cheaper per step), then on full windows of first-stage negatives."""
+
+    window: tuple[int, int]  # (smallest, largest) at the end
+    window_start: tuple[int, int] | None = None  # at step 0 (None: the end range throughout)
+    random_frac: tuple[float, float] = (0.25, 0.25)  # (start, end)
+    ramp: float = 0.5
+
+    def at(self, step: int, steps: int) -> tuple[int, int, float]:
+        t = min(1.0, step / max(1.0, self.ramp * steps))
+        lo0, hi0 = self.window_start or self.window
+        lo = round(lo0 + t * (self.window[0] - lo0))
+        hi = max(lo, round(hi0 + t * (self.window[1] - hi0)))
+        return lo, hi, self.random_frac[0] + t * (self.random_frac[1] - self.random_frac[0])
+
+
+def plan_step(step: int, seed: int, train_q: Sequence[dict], mined: dict[str, list[str]], all_pages: Sequence[str],
+              window: int, min_window: int, random_frac: float, n_layouts: int) -> StepPlan:
+    """The window of `step`: a function of (seed, step) and the sizes only, so a resumed run and the teacher
+    precompute agree."""
+    rng = random.Random(f"{seed}:listwise:{step}")
+    q = train_q[rng.randrange(len(train_q))]
+    size = rng.randint(min_window, window)
+    pages = sample_window(q["positive"], mined.get(q["qid"], q.get("hard_negatives", [])), all_pages, rng, size,
+                          random_frac)
+    orders = []
+    for _ in range(n_layouts):  # each layout sees the candidates in its own random order
+        perm = list(range(len(pages)))
+        rng.shuffle(perm)
+        orders.append(tuple(perm))
+    return StepPlan(q["qid"], tuple(pages), tuple(orders))
+
+
+# --- teacher scores, cached on disk ------------------------------------------------------------------------------
+class TeacherScores:
+    """Dense point-wise teacher scores per (query id, page id), kept in one JSON file (written atomically)."""
+
+    def __init__(self, path: str | Path, teacher: str):
+        self.path, self.teacher = Path(path), str(teacher)
+        self.scores: dict[str, dict[str, float]] = {}
+        if self.path.exists():
+            doc = read_json(self.path, format=SCORES_FORMAT)
+            if doc.get("teacher") != self.teacher:
+                raise SystemExit(f"{self.path} holds scores of teacher {doc.get('teacher')!r}, not {self.teacher!r}; "
+                                 "remove it or use another --out")
+            self.scores = doc["scores"]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.scores.values())
+
+    def missing(self, pairs: dict[str, set[str]]) -> dict[str, set[str]]:
+        out = {q: {p for p in ps if p not in self.scores.get(q, {})} for q, ps in pairs.items()}
+        return {q: ps for q, ps in out.items() if ps}
+
+    def get(self, qid: str, pages: Sequence[str]) -> list[float]:
+        return [self.scores[qid][p] for p in pages]
+
+    def save(self) -> None:
+        write_json(self.path, {"teacher": self.teacher, "scores": self.scores}, format=SCORES_FORMAT)
+
+    def fill(self, teacher_dir: str | Path, pairs: dict[str, set[str]], query_text: dict[str, str],
+             page_path, device: str = "cpu", chunk: int = 64, vision_cache: FrozenVisionCache | None = None,
+             log=None) -> int:
+        """Score the missing pairs with a MiniReranker over the teacher in its saved config, page chunk by page
+        chunk (each page's KV is computed once, then every query that needs it reads it); saves after each chunk.
+        `vision_cache`: the student's frozen-tower cache, shared when the teacher's tower is the same. Returns the
+        number of pairs scored."""
+        from ..engine.config import RerankConfig
+        from ..engine.settings import read_settings
+        from ..pages import Page
+        from ..rerankers import MiniReranker
+
+        todo = self.missing(pairs)
+        if not todo:
+            return 0
+        config = (read_settings(teacher_dir).config or RerankConfig()).replace(device=str(device))
+        teacher = MiniReranker.from_pretrained(str(teacher_dir), config, memory_cache_bytes=512 * 1024**2)
+        if vision_cache is not None:
+            try:
+                vision_cache.share_with(visual_module(teacher.model))
+            except ValueError:  # another tower: the teacher computes its own features
+                pass
+        by_page: dict[str, list[str]] = {}
+        for q, ps in todo.items():
+            for p in ps:
+                by_page.setdefault(p, []).append(q)
+        page_ids = sorted(by_page)
+        done, t0 = 0, time.time()
+        for s in range(0, len(page_ids), chunk):
+            ids = page_ids[s : s + chunk]
+            pages = {p: Page(page_path(p), id=p) for p in ids}
+            teacher.index(list(pages.values()))
+            queries: dict[str, list[str]] = {}
+            for p in ids:
+                for q in by_page[p]:
+                    queries.setdefault(q, []).append(p)
+            for q, ps in queries.items():
+                got = teacher.score(query_text[q], [pages[p] for p in ps])
+                self.scores.setdefault(q, {}).update({p: float(x) for p, x in zip(ps, got)})
+                done += len(ps)
+            self.save()
+            if log is not None:
+                log(event="teacher_scores", pages=min(s + chunk, len(page_ids)), of=len(page_ids), pairs=done,
+                    seconds=round(time.time() - t0, 1))
+        return done
+
+
+# --- loss ------------------------------------------------------------------------------------------------------
+def window_loss(scores: torch.Tensor, positive: int | None, teacher: Sequence[float], *, ranknet_weight: float = 1.0,
+                distill_weight: float = 1.0, decay: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
+    """RankNet on the label + soft-ranking distillation of the teacher's order, for one window's (n,) scores (both
+    in the window's prompt order). RankNet is unweighted: with one relevant page the rank weights would only
+    depend on the arbitrary order of the tied negatives."""
+    s = scores[None].float()
+    rel = torch.zeros_like(s)
+    if positive is not None:
+        rel[0, positive] = 1.0
+    rank = ranknet_loss(s, rel, weighted=False)
+    t_order = sorted(range(len(teacher)), key=lambda i: -teacher[i])
+    soft = soft_ranking_loss(s, [t_order], [[positive] if positive is not None else []], decay=decay)
+    loss = ranknet_weight * rank + distill_weight * soft
+    return loss, {"ranknet": float(rank.detach()), "soft": float(soft.detach())}
+
+
+# --- first stage: mined negatives and evaluation candidates -----------------------------------------------------
+def first_stage_top(importance, ds: DataSet, split: str, k: int, queries: Sequence[dict]) -> dict[str, list[str]]:
+    """Each query's top-k pages of `split` by the embedder's exact MaxSim (as the first stage returns them)."""
+    from ..pages import Page
+    from ..retrieval.maxsim import maxsim_scores
+
+    pids = ds.page_ids(split)
+    todo = [p for p in pids if p not in importance.pages]
+    for s in range(0, len(todo), 64):
+        chunk = todo[s : s + 64]
+        importance.pages.update(zip(chunk, importance.embedder.encode_pages([Page(ds.image(p), id=p) for p in chunk],
+                                                                            batch_size=8, show_progress=False)))
+    vecs = [importance.pages[p].vectors.numpy() for p in pids]
+    flat = np.concatenate(vecs)
+    offsets = np.zeros(len(vecs) + 1, dtype=np.int64)
+    np.cumsum([len(v) for v in vecs], out=offsets[1:])
+    out = {}
+    for q, e in zip(queries, importance.embedder.encode_queries([q["query"] for q in queries])):
+        scores = maxsim_scores(e.numpy(), flat, offsets)
+        out[q["qid"]] = [pids[j] for j in np.argsort(-scores, kind="stable")[:k]]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, processor, configs: Sequence[ListwiseConfig], ds: DataSet, queries: Sequence[dict],
+             candidates: dict[str, list[str]], template: ListwiseTemplate = DEFAULT_LISTWISE_TEMPLATE,
+             importance=None) -> dict[str, float]:
+    """Rerank each query's first-stage candidates with ListwiseReranker (the inference facade) in each config's
+    layout; returns metrics prefixed by the mode."""
+    from ..pages import Page
+    from ..rerankers import ListwiseReranker
+
+    was_training = model.training
+    out: dict[str, float] = {}
+    pages = {p: Page(ds.image_path(p), id=p) for q in queries for p in candidates[q["qid"]]}
+    for cfg in configs:
+        r = ListwiseReranker(model, processor, cfg, template=template, memory_cache_bytes=256 * 1024**2)
+        rankings, rel = [], []
+        for q in queries:
+            cand = candidates[q["qid"]]
+            imp = None
+            if cfg.mode == "cached" and cfg.keep_ratio < 1.0:
+                imp = importance.maps(ds, cand, [q["query"]])[0]
+            res = r.rerank(q["query"], [pages[p] for p in cand], importance=imp)
+            rankings.append([x.page_id for x in res])
+            rel.append({q["positive"]})
+        out.update({f"{cfg.mode}_{k}": v for k, v in summarize(rankings, rel).items()})
+    model.train(was_training)
+    return out
+
+
+# --- the stage -----------------------------------------------------------------------------------------------
+def configs_of(args, n_layers: int) -> list[ListwiseConfig]:
+    """The ListwiseConfig of every trained layout, resolved for this model (single pass first: the default mode)."""
+    out = []
+    for mode in args.layouts:
+        if mode == "single_pass":
+            cfg = ListwiseConfig(keep_ratio=args.keep_ratio, prune_by="qiei", window=args.window,
+                                 stride=args.window // 2, dtype="float32", device=args.device)
+        else:
+            band = tuple(args.cached_band) if args.cached_band else None
+            cfg = ListwiseConfig(mode="cached", exit_layer=args.cached_exit_layer, band=band,
+                                 keep_ratio=args.cached_keep_ratio, window=args.window, stride=args.window // 2,
+                                 dtype="float32", device=args.device)
+        out.append(cfg.resolve(n_layers))
+    return out
+
+
+def curriculum_of(args) -> Curriculum:
+    start = tuple(args.window_start) if args.window_start else None
+    frac = tuple(args.random_frac) if len(args.random_frac) == 2 else (args.random_frac[0],) * 2
+    return Curriculum((args.min_window, args.window), start, frac, args.ramp)
+
+
+def train(args) -> dict:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .reranker import Importance, max_visual_tokens_of, trainable_parameters
+
+    for lo, hi in [(args.min_window, args.window)] + ([tuple(args.window_start)] if args.window_start else []):
+        if not 2 <= lo <= hi <= len(RANKGPT_LABELS):
+            raise SystemExit(f"windows need 2 <= smallest <= largest <= {len(RANKGPT_LABELS)}, got {lo}..{hi}")
+    device, amp = setup_runtime(args)
+    ds = DataSet(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Logger(out / "log.jsonl", quiet=args.quiet)
+
+    model = AutoModelForImageTextToText.from_pretrained(str(args.init), dtype=torch.float32).to(device).train()
+    processor = AutoProcessor.from_pretrained(str(args.init))
+    n_layers = adapter_for(model).num_layers
+    configs = configs_of(args, n_layers)
+    template = DEFAULT_LISTWISE_TEMPLATE
+    if args.cached_label:
+        template = dataclasses.replace(template, cached_label=args.cached_label)
+    scorer = ListwiseScorer(model, processor, template)
+    cache = FrozenVisionCache(visual_module(model))  # frozen tower: each page's features are computed once
+    importance = Importance(args.embedder, device, max_visual_tokens_of(processor), cache)
+
+    # Hard negatives: the first stage's top pages of each training query (mined once).
+    train_q = ds.split_queries("train")
+    mined_file = Path(args.mined) if args.mined else out / "mined_negatives.json"
+    if mined_file.exists():
+        mined = json.loads(mined_file.read_text())
+    else:
+        t0 = time.time()
+        mined = importance.mine(ds, "train", args.window)
+        write_json(mined_file, mined)
+        log(event="mined", queries=len(mined), seconds=round(time.time() - t0, 1))
+    all_pages = ds.page_ids("train")
+    curriculum = curriculum_of(args)
+    plans = []
+    for s in range(args.steps):
+        lo, hi, frac = curriculum.at(s, args.steps)
+        plans.append(plan_step(s, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs)))
+
+    # Teacher scores of every pair the run needs, before training (a resumed run computes only what it lacks).
+    teacher = TeacherScores(out / "teacher_scores.json", str(args.teacher))
+    pairs: dict[str, set[str]] = {}
+    for p in plans:
+        pairs.setdefault(p.qid, set()).update(p.pages)
+    text = {q["qid"]: q["query"] for q in train_q}
+    t0 = time.time()
+    computed = teacher.fill(args.teacher, pairs, text, ds.image_path, device=str(device), vision_cache=cache, log=log)
+    log(event="teacher", pairs_computed=computed, pairs_cached=len(teacher), seconds=round(time.time() - t0, 1))
+
+    # Validation: each query's first-stage top --eval-candidates over the validation split (computed once).
+    val_q = ds.split_queries("val")[: args.eval_queries]
+    cand_file = out / "val_candidates.json"
+    if cand_file.exists():
+        val_cands = json.loads(cand_file.read_text())
+    else:
+        val_cands = first_stage_top(importance, ds, "val", args.eval_candidates, val_q)
+        write_json(cand_file, val_cands)
+    val_q = [q for q in val_q if q["qid"] in val_cands]
+
+    if args.relevance_layer is None:
+        exits = [c.exit_layer for c in configs if c.mode == "cached"] or [n_layers]
+        args.relevance_layer = max(0, exits[0] - 3)  # its output leaves two layers to compare the labels
+    params = trainable_parameters(model, n_layers, train_vision=False, train_embeddings=False)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    meta = load_checkpoint(out / "ckpt", model, opt)
+    step = meta["step"] if meta else 0
+    log(event="start", step=step, params=n_params(model), trainable=sum(p.numel() for p in params),
+        configs=[c.to_dict() for c in configs])
+    def validate() -> dict[str, float]:
+        got = evaluate(model, processor, configs, ds, val_q, val_cands, template, importance=importance)
+        return {f"val_{k}": v for k, v in got.items()}
+
+    if args.eval_at_start and step == 0:
+        log(step=0, **validate())
+    weights = {"single_pass": 1.0, "cached": args.cached_weight}
+    loss_kw = dict(ranknet_weight=args.ranknet_weight, distill_weight=args.distill_weight, decay=args.decay)
+    a0, a1 = (args.aux_weight * 2)[:2] if len(args.aux_weight) == 1 else args.aux_weight[:2]
+
+    def aux_weight(step: int) -> float:  # linear from a0 to a1 over the run
+        return a0 + (a1 - a0) * step / max(1, args.steps - 1)
+    bar = progress(args.steps, step, "listwise", args.quiet)
+    t_last, stats = time.time(), []
+    query_of = {q["qid"]: q for q in train_q}
+    while step < args.steps:
+        plan = plans[step]
+        q = query_of[plan.qid]
+        set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
+        opt.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for cfg, order in zip(configs, plan.orders):
+            ids = [plan.pages[i] for i in order]
+            imp = None
+            if cfg.mode == "cached" and cfg.keep_ratio < 1.0:
+                imp = importance.maps(ds, ids, [q["query"]])[0]
+            aux_w = aux_weight(step)
+            with autocast(device, amp):
+                tap = (args.bind_layer if cfg.mode == "single_pass" else args.relevance_layer) if aux_w > 0 else None
+                w = scorer.window(cfg, q["query"], [ds.image(p) for p in ids], imp, tap_layer=tap)
+                s, t_scores = w.logits, teacher.get(plan.qid, ids)
+                pos = ids.index(q["positive"]) if q["positive"] in ids else None
+                loss, lp = window_loss(s, pos, t_scores, **loss_kw)
+                total = loss
+                if aux_w > 0:
+                    aux, ap = scorer.aux_loss(w, cfg.mode, pos, t_scores, **loss_kw)
+                    total = loss + aux_w * aux
+                    lp.update(ap)
+            (weights[cfg.mode] * total).backward()  # one layout's graph at a time: peak memory of one window
+            parts.update({f"{cfg.mode}_loss": float(loss.detach()), **{f"{cfg.mode}_{k}": v for k, v in lp.items()},
+                          f"{cfg.mode}_top1": float(pos is not None and int(s.detach().argmax()) == pos)})
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        stats.append(parts)
+        if step % args.log_every == 0:
+            mean = {k: sum(p[k] for p in stats) / len(stats) for k in stats[0]}
+            log(step=step, window=len(plan.pages), sec_per_step=(time.time() - t_last) / len(stats), **mean)
+            t_last, stats = time.time(), []
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save_checkpoint(out / "ckpt", model, opt, step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            log(step=step, **validate())
+    bar.close()
+    result = validate()
+    log(event="done", step=step, **result)
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    trained = {"stage": "listwise", "steps": step, "teacher": str(args.teacher), "curriculum": asdict(curriculum),
+               "eval": f"val split, first-stage top {args.eval_candidates}, {len(val_q)} queries", **result}
+    settings = listwise_settings([c.replace(device="auto", dtype="auto") for c in configs], template)
+    write_listwise_settings(final, settings, training=trained)
+    write_json(out / "result.json", {"step": step, **result})
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m minirerank_core.train.listwise", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="run directory (resumes from OUT/ckpt; final model in OUT/final)")
+    ap.add_argument("--init", required=True, help="the checkpoint the student starts from (the point-wise teacher)")
+    ap.add_argument("--teacher", required=True, help="the dense point-wise teacher (a minirerank checkpoint) to distil")
+    ap.add_argument("--embedder", required=True, help="ColQwen first stage: hard negatives, validation candidates, maps")
+    ap.add_argument("--mined", default=None, help="a mined-negatives JSON to reuse (default: mine OUT/mined_negatives.json)")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                    help="layouts trained (the first is the saved default mode)")
+    ap.add_argument("--keep-ratio", type=float, default=0.5, help="single pass: QI-EI keep ratio it trains and ships with")
+    ap.add_argument("--cached-exit-layer", type=int, default=None, help="cached: exit layer (default: every layer)")
+    ap.add_argument("--cached-band", type=int, nargs=2, default=None, metavar=("B0", "B1"),
+                    help="cached: the layers where labels see their page (default: every layer)")
+    ap.add_argument("--cached-keep-ratio", type=float, default=1.0,
+                    help="cached: keep ratio by the embedder's importance maps (< 1 needs the maps at inference)")
+    ap.add_argument("--cached-weight", type=float, default=1.0, help="weight of the cached layout's loss")
+    ap.add_argument("--window", type=int, default=20, help="largest window (candidates per prompt)")
+    ap.add_argument("--min-window", type=int, default=12, help="smallest window (sizes are drawn uniformly)")
+    ap.add_argument("--window-start", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="window sizes at step 0, moved to --min-window..--window over --ramp of the run (a curriculum)")
+    ap.add_argument("--random-frac", type=float, nargs="+", default=[0.25], metavar="FRAC",
+                    help="share of negatives drawn at random, not mined; two values: from START to END over --ramp")
+    ap.add_argument("--ramp", type=float, default=0.5, help="share of the steps over which the curriculum moves")
+    ap.add_argument("--aux-weight", type=float, nargs="+", default=[0.0], metavar="W",
+                    help="weight of the auxiliary page-anchor losses (see ListwiseScorer.aux_loss); two values: linear "
+                         "from START to END over the run (0: off)")
+    ap.add_argument("--bind-layer", type=int, default=1,
+                    help="single pass: the LM layer whose output the binding loss reads (early: the cells carry their "
+                         "label before the query tokens read them)")
+    ap.add_argument("--relevance-layer", type=int, default=None,
+                    help="cached: the LM layer whose output the relevance loss reads (default: the third from the "
+                         "exit, leaving two layers to compare the labels)")
+    ap.add_argument("--cached-label", default=TRAINED_CACHED_LABEL,
+                    help="cached layout: the label segment L_i of the trained template ({label}, {query}); '' keeps "
+                         "the template's plain label")
+    ap.add_argument("--ranknet-weight", type=float, default=1.0)
+    ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--decay", type=float, default=0.5, help="soft-ranking target weight decay per position")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--eval-at-start", action="store_true", help="also validate the initial model")
+    ap.add_argument("--eval-queries", type=int, default=60)
+    ap.add_argument("--eval-candidates", type=int, default=20)
+    ap.add_argument("--ckpt-every", type=int, default=20)
+    add_runtime_args(ap)
+    return ap
+
+
+def main(argv=None) -> None:
+    train(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

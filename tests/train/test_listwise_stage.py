@@ -1,0 +1,253 @@
+"""The listwise training stage on toy sizes: it trains through the reranker's own window code (same logits,
+gradients reach the LM), the loss goes down on a fixed window, windows are shuffled, the stage resumes without
+rescoring the teacher, and its output and export reload as ListwiseRerankers with the settings they were trained in."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from minirerank_core import Page
+from minirerank_core.engine.config import RerankConfig
+from minirerank_core.engine.prompt import DEFAULT_TEMPLATE
+from minirerank_core.engine.settings import write_settings
+from minirerank_core.rerankers.listwise import ListwiseConfig, ListwiseReranker
+from minirerank_core.rerankers.listwise.settings import read_listwise_settings
+from minirerank_core.testing import random_page_image
+from minirerank_core.train import listwise as L
+from minirerank_core.train.data import DataSet, build
+from minirerank_core.train.models import (FrozenVisionCache, build_embedder, build_reranker, embedder_processor,
+                                          reranker_processor, visual_module)
+
+from tests.train.test_recipe import PAGE, TINY, _documents
+
+N_VISUAL = (PAGE[0] // 32) * (PAGE[1] // 32)  # merged visual tokens of a toy page
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny dataset, a random tiny teacher (a minirerank checkpoint) and a random tiny embedder."""
+    root = tmp_path_factory.mktemp("lw")
+    data = root / "data"
+    build(data, seed=0, vocab_size=400, max_pages_per_doc=3, val_frac=0.15, test_frac=0.15, documents=_documents(),
+          page_size=PAGE, show_progress=False)
+    tok = DataSet(data).tokenizer()
+    teacher = root / "teacher"
+    build_reranker(tok, TINY, seed=1).save_pretrained(teacher)
+    reranker_processor(tok, TINY).save_pretrained(teacher)
+    write_settings(teacher, RerankConfig(), DEFAULT_TEMPLATE)
+    embedder = root / "embedder"
+    build_embedder(tok, TINY, seed=1).save_pretrained(embedder)
+    embedder_processor(tok, TINY).save_pretrained(embedder)
+    return root
+
+
+def _load(path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32), AutoProcessor.from_pretrained(str(path))
+
+
+def _images(n, seed=0):
+    return [random_page_image(*PAGE, seed=seed + i) for i in range(n)]
+
+
+CONFIGS = [ListwiseConfig(keep_ratio=0.5, prune_by="qiei", dtype="float32", device="cpu"),
+           ListwiseConfig(mode="cached", exit_layer=3, band=(1, 3), keep_ratio=0.6, dtype="float32", device="cpu")]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["single_pass", "cached"])
+def test_training_logits_are_the_rerankers_and_gradients_reach_the_lm(toy, cfg, monkeypatch):
+    model, proc = _load(toy / "teacher")
+    prefilled = []
+    real = L.prefill_pages
+    monkeypatch.setattr(L, "prefill_pages", lambda *a, **k: prefilled.extend(real(*a, **k)) or prefilled)
+    images = _images(5)
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(N_VISUAL, generator=g) for _ in images]
+    r = ListwiseReranker(model, proc, cfg)
+    want = r.score("socket buffer", [Page(im, id=f"p{i}") for i, im in enumerate(images)], importance=maps)
+    model.train()
+    scorer = L.ListwiseScorer(model, proc)
+    got = scorer.scores(r.config, "socket buffer", images, maps)
+    assert got.shape == (5,) and got.requires_grad
+    assert got.detach().tolist() == pytest.approx(want, rel=1e-4, abs=1e-4)
+    got.logsumexp(0).backward()
+    layers = model.model.language_model.layers
+    assert layers[0].self_attn.q_proj.weight.grad is not None
+    assert float(layers[0].mlp.down_proj.weight.grad.abs().sum()) > 0
+    if cfg.mode == "cached":  # the page KV is prefilled in the graph, so the loss reaches the page prefill too
+        assert len(prefilled) == 5 and all(kv.k.grad_fn is not None and kv.v.grad_fn is not None for kv in prefilled)
+        assert layers[3].self_attn.q_proj.weight.grad is None  # after the exit: never runs
+    # The check can fail: another order of the same pages gives other logits.
+    perm = [4, 2, 0, 3, 1]
+    with torch.no_grad():
+        other = scorer.scores(r.config, "socket buffer", [images[i] for i in perm], [maps[i] for i in perm])
+    assert (other - got.detach()[perm]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["single_pass", "cached"])
+def test_loss_goes_down_on_a_fixed_window(toy, cfg):
+    from minirerank_core.train.reranker import trainable_parameters
+
+    torch.manual_seed(0)
+    model, proc = _load(toy / "teacher")
+    model.train()
+    FrozenVisionCache(visual_module(model))
+    cfg = cfg.resolve(4)
+    scorer = L.ListwiseScorer(model, proc)
+    images = _images(6, seed=20)
+    maps = [torch.rand(N_VISUAL, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    teacher = [0.3, -1.0, 2.0, 0.1, -0.5, 1.2]
+    params = trainable_parameters(model, 4)
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    losses, aux = [], []
+    for _ in range(10):
+        out = scorer.window(cfg, "thread lock", images, maps, tap_layer=1)
+        loss, parts = L.window_loss(out.logits, 2, teacher)
+        a, aparts = scorer.aux_loss(out, cfg.mode, 2, teacher)
+        opt.zero_grad()
+        (loss + a).backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        aux.append(float(a.detach()))
+        assert parts["ranknet"] >= 0 and parts["soft"] >= 0
+        assert ("aux_binding" in aparts) == (cfg.mode == "single_pass") != ("aux_soft" in aparts)
+    assert min(losses[-4:]) < losses[0] - 0.1, losses
+    assert min(aux[-4:]) < aux[0] - 0.1, aux
+
+
+def test_anchors_are_page_local(toy):
+    """The auxiliary losses read page-local rows: in the cached layout the last token of page i's label segment,
+    which sees only page i; in the single pass page i's visual rows, which see pages up to i (causal)."""
+    model, proc = _load(toy / "teacher")
+    template = L.dataclasses.replace(L.DEFAULT_LISTWISE_TEMPLATE, cached_label=L.TRAINED_CACHED_LABEL)
+    scorer = L.ListwiseScorer(model, proc, template)
+    images, other = _images(4, seed=30), _images(1, seed=90)[0]
+    for cfg in (CONFIGS[0].resolve(4), ListwiseConfig(mode="cached", exit_layer=4, band=(0, 4)).resolve(4)):
+        with torch.no_grad():
+            base = scorer.window(cfg, "socket buffer", images, tap_layer=2)
+            changed = scorer.window(cfg, "socket buffer", images[:2] + [other] + images[3:], tap_layer=2)
+        assert torch.equal(base.owners, changed.owners)
+        assert base.anchors.shape == (len(base.owners), model.config.text_config.hidden_size)
+        moved = torch.stack([(changed.anchors - base.anchors)[base.owners == i].abs().max() for i in range(4)])
+        assert moved[2] > 1e-4  # its own page changed
+        unaffected = [0, 1, 3] if cfg.mode == "cached" else [0, 1]
+        assert moved[unaffected].max() < 1e-5, (cfg.mode, moved)
+        if cfg.mode == "single_pass":
+            assert base.owners.tolist() == sorted(base.owners.tolist()) and len(base.owners) == 4 * round(0.5 * N_VISUAL)
+            assert moved[3] > 1e-4  # a later page's rows see the changed page
+        else:
+            assert base.owners.tolist() == [0, 1, 2, 3]
+
+
+def test_windows_are_shuffled_deterministic_and_mix_hard_and_random_pages():
+    train_q = [{"qid": f"q{i}", "positive": f"pos{i}", "query": "x"} for i in range(50)]
+    mined = {f"q{i}": [f"hard{i}-{j}" for j in range(20)] for i in range(50)}
+    all_pages = [f"page{j}" for j in range(300)]
+    plans = [L.plan_step(s, 0, train_q, mined, all_pages, 8, 5, 0.25, 2) for s in range(400)]
+    assert plans[:5] == [L.plan_step(s, 0, train_q, mined, all_pages, 8, 5, 0.25, 2) for s in range(5)]
+    slots = Counter()
+    for p in plans:
+        q = int(p.qid[1:])
+        assert 5 <= len(p.pages) <= 8 and len(set(p.pages)) == len(p.pages) and f"pos{q}" in p.pages
+        assert all(sorted(o) == list(range(len(p.pages))) for o in p.orders)
+        for o in p.orders:
+            slots[[p.pages[i] for i in o].index(f"pos{q}")] += 1
+    # The positive lands in every slot, none much more than uniform (8 slots at most, 800 placements).
+    assert set(slots) == set(range(8)) and max(slots.values()) < 800 / 5 * 1.5
+    assert sum(p.orders[0] != p.orders[1] for p in plans) > 300  # the two layouts see their own orders
+    hard = sum(x.startswith("hard") for p in plans for x in p.pages)
+    rand = sum(x.startswith("page") for p in plans for x in p.pages)
+    negatives = sum(len(p.pages) - 1 for p in plans)
+    assert 0.65 < hard / negatives < 0.85 and rand == negatives - hard
+    first = [p for p in plans if any(x == f"hard{p.qid[1:]}-0" for x in p.pages)]
+    assert len(first) > 0.6 * len(plans)  # the first stage's top negatives come first
+
+
+def test_curriculum_moves_from_short_easy_windows_to_full_ones():
+    c = L.Curriculum((12, 20), (2, 4), (0.8, 0.25), 0.5)
+    assert c.at(0, 600) == (2, 4, 0.8) and c.at(300, 600) == (12, 20, 0.25) == c.at(599, 600)
+    lo, hi, frac = c.at(150, 600)
+    assert (lo, hi) == (7, 12) and frac == pytest.approx(0.525)
+    assert L.Curriculum((12, 20)).at(0, 600) == (12, 20, 0.25)
+
+
+def _stage_args(toy, out, steps):
+    return ["--data", str(toy / "data"), "--init", str(toy / "teacher"), "--teacher", str(toy / "teacher"),
+            "--embedder", str(toy / "embedder"), "--out", str(out), "--steps", str(steps), "--window", "5",
+            "--min-window", "3", "--cached-exit-layer", "3", "--cached-band", "1", "3", "--cached-keep-ratio", "0.5",
+            "--eval-queries", "3", "--eval-candidates", "5", "--log-every", "1", "--ckpt-every", "1", "--warmup", "1",
+            "--lr", "1e-3", "--aux-weight", "1.0", "0.5", "--window-start", "2", "3", "--random-frac", "0.8", "0.25",
+            "--threads", "2", "--quiet"]
+
+
+def test_stage_trains_resumes_and_exports(toy, tmp_path, monkeypatch):
+    from minirerank_core.train.export import export_listwise
+
+    out = tmp_path / "listwise"
+    L.main(_stage_args(toy, out, 2))
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    first_pairs = next(e for e in events if e.get("event") == "teacher")["pairs_computed"]
+    assert first_pairs > 0
+    scores_doc = json.loads((out / "teacher_scores.json").read_text())
+    assert scores_doc["format"] == "minirerank-listwise-teacher-scores/1"
+    # Resume to step 4: training continues at step 2 and only the new windows' pairs are scored.
+    L.main(_stage_args(toy, out, 4))
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "start"] == [0, 2]
+    teacher_events = [e for e in events if e.get("event") == "teacher"]
+    ds = DataSet(toy / "data")
+    mined = json.loads((out / "mined_negatives.json").read_text())
+    cur = L.Curriculum((3, 5), (2, 3), (0.8, 0.25), 0.5)
+
+    def pairs(steps):  # the windows a run of `steps` draws (the curriculum stretches over the run's length)
+        plans = [L.plan_step(s, 0, ds.split_queries("train"), mined, ds.page_ids("train"), cur.at(s, steps)[1],
+                             cur.at(s, steps)[0], cur.at(s, steps)[2], 2) for s in range(steps)]
+        return {(p.qid, x) for p in plans for x in p.pages}
+
+    old, need = pairs(2), pairs(4)
+    assert teacher_events[0]["pairs_computed"] == len(old)
+    assert teacher_events[1]["pairs_computed"] == len(need - old) and teacher_events[1]["pairs_cached"] == len(need | old)
+    losses = [e["single_pass_loss"] for e in events if "single_pass_loss" in e]
+    assert len(losses) == 4 and all(x == x for x in losses)
+    assert all(e["single_pass_aux_binding"] > 0 and "cached_aux_soft" in e for e in events if "single_pass_loss" in e)
+    sizes = [e["window"] for e in events if "single_pass_loss" in e]
+    assert sizes[0] <= 3 and max(sizes) <= 5  # the curriculum starts with short windows
+    assert json.loads((out / "result.json").read_text())["step"] == 4
+
+    # The final folder carries one config per layout; from_pretrained runs each as trained.
+    final = out / "final"
+    saved = read_listwise_settings(final)
+    assert saved.mode == "single_pass" and set(saved.configs) == {"single_pass", "cached"}
+    single = ListwiseReranker.from_pretrained(final, local_files_only=True)
+    assert (single.config.mode, single.config.keep_ratio, single.config.prune_by) == ("single_pass", 0.5, "qiei")
+    cached = ListwiseReranker.from_pretrained(final, mode="cached")
+    assert (cached.config.exit_layer, cached.config.band, cached.config.keep_ratio) == (3, (1, 3), 0.5)
+    images = [ds.image(p) for p in ds.page_ids("test")[:4]]
+    pages = [Page(im, id=f"p{i}") for i, im in enumerate(images)]
+    model, proc = _load(final)
+    with torch.no_grad():
+        want = L.ListwiseScorer(model, proc).single_pass("socket buffer", images, 0.5).logits
+    assert single.score("socket buffer", pages) == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
+
+    # Export: float16 weights (about half the bytes), the same settings, scores within float16 rounding.
+    dst = tmp_path / "assets" / "listwise"
+    rep = export_listwise(final, dst, check_images=images, query="socket buffer")
+    assert (dst / "model.safetensors").stat().st_size < 0.6 * (final / "model.safetensors").stat().st_size
+    assert read_listwise_settings(dst) == saved
+    assert rep["max_abs_diff"] < 2e-2 * max(1.0, rep["max_logit"])
+    # With the export installed as the package default, from_pretrained() and MiniRerank(mode="listwise") load it.
+    import minirerank_core.defaults as defaults
+
+    monkeypatch.setattr(defaults, "DEFAULT_LISTWISE_DIR", dst)
+    default = ListwiseReranker.from_pretrained()
+    assert default.name == str(dst) and default.config == single.config
+    assert default.score("socket buffer", pages) == pytest.approx(single.score("socket buffer", pages), abs=2e-2)
+    assert ListwiseReranker.from_pretrained(mode="cached").config == cached.config
+    from minirerank_core.glue.reranking import build_reranker
+
+    assert build_reranker(mode="listwise").config == single.config
