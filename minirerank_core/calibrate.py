@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cache import MemoryStore
 from .candidates import Candidate
 from .engine.config import RerankConfig
 from .engine.settings import write_settings
@@ -252,11 +253,13 @@ def calibrate(
     target: float = 0.97,
     dense_sample: int = 3,
     show_progress: bool = False,
+    memory_cache_bytes: int = 4 * 1024**3,
 ) -> Calibration:
     """Sweep ``grid`` (default: :func:`default_grid`, keep ratios below 1 only with a ``first_stage`` to give the
     maps) for ``reranker``'s checkpoint on ``pages`` and ``queries``; see the module docstring. ``first_stage``
     (a FirstStage) picks each query's top ``k`` candidates and their maps; without it every page (at most ``k``) is
-    a candidate. ``dense_sample``: queries whose plain dense forwards are timed."""
+    a candidate. ``dense_sample``: queries whose plain dense forwards are timed. ``memory_cache_bytes`` bounds the
+    page cache the sweep shares (least recently used pages are recomputed past it)."""
     from .rerankers import MiniReranker
 
     target = check_ratio("target", target)
@@ -267,6 +270,7 @@ def calibrate(
     if not pages:
         raise ConfigError("calibrate needs at least one page")
     model, processor, template = reranker.model, reranker.processor, reranker.template
+    head = getattr(reranker, "head", None)  # a published score head (jina-reranker-m0) stays the scorer
     base_config = reranker.config.replace(exit_layer=None, band=None, keep_ratio=1.0, index_keep_ratio=1.0,
                                           query_positions="exact", shared_offset=None)
     num_layers = reranker.adapter.num_layers
@@ -274,7 +278,10 @@ def calibrate(
     grid = list(grid) if grid is not None else default_grid(num_layers, keeps)
     if first_stage is not None:
         first_stage.add([p for p in pages if p.id not in first_stage.index])
-    exact = MiniReranker(model, processor, base_config, template=template)
+    # One page cache for the whole sweep: its keys carry the band, so settings that share a band (they differ in
+    # exit layer or keep ratio) prefill each page once instead of once per setting.
+    store = MemoryStore(memory_cache_bytes)
+    exact = MiniReranker(model, processor, base_config, template=template, head=head, cache_dir=store)
 
     def candidates(q: CalibrationQuery) -> list[Candidate]:
         if first_stage is not None:
@@ -300,7 +307,7 @@ def calibrate(
     rows: list[SettingResult] = []
     for setting in grid:
         cfg = base_config.replace(exit_layer=setting.exit_layer, band=tuple(setting.band), keep_ratio=setting.keep_ratio)
-        r = MiniReranker(model, processor, cfg, template=template)
+        r = MiniReranker(model, processor, cfg, template=template, head=head, cache_dir=store)
         r.index(all_pages, show_progress=show_progress)  # offline part: not timed
         t = time.perf_counter()
         rankings = {q: [x.page_id for x in r.rerank(q, cs)] for q, cs in cands.items()}

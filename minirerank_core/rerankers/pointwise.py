@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..cache import CacheStore
 from ..candidates import Candidate, CandidateLike, MapsLike, as_candidates
 from ..engine.config import RerankConfig
 from ..engine.kv import PageKV
@@ -43,7 +44,7 @@ class MiniReranker(Reranker):
         *,
         template: PromptTemplate | str = DEFAULT_TEMPLATE,
         head: torch.nn.Module | None = None,
-        cache_dir: str | Path | None = None,
+        cache_dir: str | Path | CacheStore | None = None,
         memory_cache_bytes: int = 2 * 1024**3,
         max_visual_tokens: int | None = None,
         name: str | None = None,

@@ -311,3 +311,28 @@ def test_unknown_hub_id_offline_raises_a_clear_error(monkeypatch):
 def test_directory_without_a_checkpoint_raises_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         load_checkpoint(tmp_path)
+
+
+def test_calibrate_scores_with_the_checkpoints_own_head(replicas, page_images, monkeypatch):
+    """Every reranker calibrate builds for its sweep scores with the checkpoint's head (jina-reranker-m0's score
+    head, not yes/no logits), so its reference is the published scoring."""
+    import minirerank_core.rerankers as rerankers
+    from minirerank_core.calibrate import Setting, calibrate
+
+    ckpt = load_checkpoint(replicas["jina"])
+    reranker = MiniReranker(ckpt.model, ckpt.processor, template=ckpt.template, head=ckpt.head)
+    built = []
+
+    class Recording(MiniReranker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(rerankers, "MiniReranker", Recording)
+    pages = [Page(im, id=f"p{i}") for i, im in enumerate(page_images)]
+    L = reranker.adapter.num_layers
+    cal = calibrate(reranker, pages, [QUERY, OTHER_QUERY], grid=[Setting(L, (0, L)), Setting(L - 1, (0, L - 1))])
+    assert len(built) == 3 and all(r.head is ckpt.head for r in built)
+    published = jina_published_scores(replicas["jina"], QUERY, page_images)
+    assert rel_err(built[0].score(QUERY, pages), published) < 1e-4
+    assert cal.rows[0].exact and cal.rows[0].ndcg5 == pytest.approx(1.0)
