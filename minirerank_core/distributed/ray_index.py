@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DuplicatePageIdError, IndexStateError, InvalidImageError, PdfError
+from ..errors import ConfigError, DuplicatePageIdError, InvalidImageError, PdfError
 from ..fileio import writer_lock
 from ..pages.ingest import Duplicate, IngestError, _expand
 from ..validation import check_positive_int
@@ -194,34 +194,6 @@ def _cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def _commit_segments(index: Any, staging: Path, names: Sequence[str]) -> None:
-    """Move staged segments into the index and switch its manifest once to include them all.
-
-    PageIndex has no public call that adopts segments written elsewhere; this uses its commit (the same writer lock,
-    generation check, atomic manifest switch and garbage collection as ``PageIndex.add``). A crash after a move and
-    before the switch leaves an unreferenced ``seg-*`` directory, which the index's next write removes.
-    """
-    from ..retrieval.segment import Segment
-
-    root = Path(index.path)
-    with index._write_lock:
-        segments = []
-        for name in names:
-            os.replace(staging / name, root / name)  # same filesystem (both under the workspace): a rename
-            segments.append(Segment.read(root / name))
-        dims = {s.dim for s in segments} | ({index.dim} if index.dim is not None else set())
-        if len(dims) > 1:
-            raise IndexStateError(f"segments of dims {sorted(dims)} cannot share one index (another embedder?)")
-        old = index._dim
-        index._dim = dims.pop()
-        try:
-            index._commit([*index._segments, *segments],
-                          [*index._live, *(np.ones(s.n_pages, dtype=bool) for s in segments)], [])
-        except BaseException:
-            index._dim = old
-            raise
-
-
 def _embedder_of(root: Path, saved: dict, embedder: str | os.PathLike[str] | None, has_index: bool) -> str:
     """The embedder a workspace is built with: the one given, else the recorded one, else the shipped default; one
     other than the index's is refused (RerankPipeline.open's rule)."""
@@ -345,8 +317,7 @@ def index_with_ray(
                            segment_pages=segment_pages, commit_pages=commit_pages, dpi=dpi,
                            show_progress=show_progress, reranker_ref=reranker)
                 if report.commits:
-                    with index._write_lock:
-                        index._maybe_merge()  # many small segments cost a FAISS search each: merge as add() does
+                    index.tidy()  # many small segments cost a FAISS search each: merge as add() does
             finally:
                 shutil.rmtree(root / STAGING, ignore_errors=True)
             report.pages_total = len(index)
@@ -411,7 +382,7 @@ def _round(files: list[Path], offset: int, index: Any, root: Path, staging: Path
     def commit() -> None:
         if not pending:
             return
-        _commit_segments(index, staging, pending)
+        index.adopt([staging / name for name in pending], tidy=False)  # merged once at the end
         if report.commits == 0:
             _record_workspace(root, embedder, reranker_ref)  # with the first commit, as the pipeline does
         report.commits += 1

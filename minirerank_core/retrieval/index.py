@@ -323,17 +323,54 @@ class PageIndex:
         with self._write_lock:
             added = self._add(pages, metadata)
         if added:
-            # Committing the pages and tidying segments are separate outcomes: the pages are durable now, and a
-            # merge that fails (another writer, a full disk) only leaves more segments behind, said in a warning.
-            try:
-                with self._write_lock:
-                    self._maybe_merge()
-            except (IndexStateError, OSError) as exc:
-                logger.warning("minirerank: pages added; merging index segments failed and is retried on the next "
-                               "change (%s)", exc)
-                warnings.warn(f"minirerank: pages added; merging index segments failed ({exc})", IndexMergeWarning,
-                              stacklevel=2)
+            self.tidy()
         return added
+
+    def adopt(self, segment_dirs: Sequence[str | os.PathLike[str]], *, tidy: bool = True) -> int:
+        """Take over segments written elsewhere (``SegmentBuilder`` output, e.g. by distributed indexing workers)
+        in one commit: each directory is moved into the index (a rename: keep them on the index's filesystem) and
+        the manifest switches once to include them all. Returns the pages added.
+
+        The segments must hold pages not already in the index. A crash after a move and before the switch leaves
+        an unreferenced segment directory that the index's next write removes."""
+        if self._path is None:
+            raise IndexStateError("adopt() needs an index bound to a directory (PageIndex.create/open)")
+        with self._write_lock:
+            segments = []
+            for d in map(Path, segment_dirs):
+                os.replace(d, self._path / d.name)
+                segments.append(Segment.read(self._path / d.name))
+            if not segments:
+                return 0
+            dims = {s.dim for s in segments} | ({self._dim} if self._dim is not None else set())
+            if len(dims) > 1:
+                raise IndexStateError(f"segments of dims {sorted(dims)} cannot share one index (another embedder?)")
+            known = [pid for s in segments for pid in s.ids if pid in self._where]
+            if known:
+                raise DuplicatePageIdError(f"already in the index: {known[:5]}{' ...' if len(known) > 5 else ''}")
+            old_dim, self._dim = self._dim, dims.pop()
+            try:
+                self._commit([*self._segments, *segments],
+                             [*self._live, *(np.ones(s.n_pages, dtype=bool) for s in segments)], [])
+            except BaseException:
+                self._dim = old_dim
+                raise
+        if tidy:
+            self.tidy()
+        return sum(s.n_pages for s in segments)
+
+    def tidy(self) -> None:
+        """Merge the smallest segments when there are more than ``max_segments`` (each costs a FAISS search per
+        query). ``add`` and ``adopt`` call it after their commit: the pages are durable by then, and a merge that
+        fails (another writer, a full disk) only leaves more segments behind, said in an ``IndexMergeWarning``."""
+        try:
+            with self._write_lock:
+                self._maybe_merge()
+        except (IndexStateError, OSError) as exc:
+            logger.warning("minirerank: pages added; merging index segments failed and is retried on the next "
+                           "change (%s)", exc)
+            warnings.warn(f"minirerank: pages added; merging index segments failed ({exc})", IndexMergeWarning,
+                          stacklevel=3)
 
     def _add(self, pages: Iterable[PageEmbedding], metadata: Sequence[Mapping[str, Any] | None] | None) -> list[str]:
         if metadata is not None:

@@ -208,11 +208,12 @@ KILLED = textwrap.dedent(
     """
     import os, signal, sys
     from minirerank_core.distributed import ray_index
-    real = ray_index._commit_segments
+    from minirerank_core.retrieval import PageIndex
+    real = PageIndex.adopt
     def commit_then_die(*args, **kwargs):
         real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)  # the driver dies right after its first commit
-    ray_index._commit_segments = commit_then_die
+    PageIndex.adopt = commit_then_die
     docs, ws, ckpt, emb, address = sys.argv[1:6]
     ray_index.index_with_ray([docs], ws, reranker=ckpt, embedder=emb, address=address, cpus_per_worker=0.5,
                              segment_pages=1, commit_pages=2, show_progress=False)

@@ -146,6 +146,34 @@ def test_persistence_round_trip(tmp_path):
     assert_same_hits(in_memory.search(q, k=10), before)
 
 
+def test_adopt_takes_over_segments_written_elsewhere(tmp_path):
+    """Segments built in another place (distributed workers) join the index in one commit; the result searches
+    like an index that added the same pages; pages already there, or an unbound index, are refused."""
+    from minirerank_core.retrieval.segment import Segment
+
+    pages = make_pages(40)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    cfg = AnnConfig()
+    for n, chunk in enumerate((pages[10:25], pages[25:])):
+        Segment.from_embeddings(f"seg-elsewhere-{n}", chunk, [p.metadata for p in chunk], cfg).write(staging)
+    index = PageIndex.create(tmp_path / "ix")
+    index.add(pages[:10])
+    assert index.adopt(sorted(staging.iterdir())) == 30 and len(index) == 40 and not any(staging.iterdir())
+    reference = PageIndex()
+    reference.add(pages)
+    q = make_query()
+    assert_same_hits(index.search(q, k=10), reference.search(q, k=10))
+    assert_same_hits(PageIndex.open(tmp_path / "ix").search(q, k=10), reference.search(q, k=10))
+
+    Segment.from_embeddings("seg-again", pages[:3], [p.metadata for p in pages[:3]], cfg).write(staging)
+    with pytest.raises(DuplicatePageIdError):
+        index.adopt([staging / "seg-again"])
+    assert len(index) == 40 and len(PageIndex.open(tmp_path / "ix")) == 40
+    with pytest.raises(IndexStateError):
+        PageIndex().adopt([])
+
+
 def test_add_delete_compact(tmp_path):
     pages = make_pages(40)
     index = PageIndex.create(tmp_path / "ix")
