@@ -1,7 +1,7 @@
 """`minirerank tune` on the toy: distil the shipped dense teacher on the held-out test split, then compare the tuned
 student, the shipped student and the teacher on the same held-out queries and first-stage candidates.
 
-    python benchmarks/tune.py                       # 600 steps, 1 thread: ~25 min on a 2-core CPU
+    python benchmarks/tune.py                       # 1,200 steps, 1 thread: ~45 min on a 2-core CPU
     python benchmarks/tune.py --steps 20            # a quick look
 
 The test split's pages (PNG) and queries ({"query", "page"}) are written to OUT/pages and OUT/queries.json, and
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data", help="toy dataset (built from seed 0 when missing)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune", help="work directory (pages, queries, student)")
     ap.add_argument("--teacher", default=str(DEFAULT_TEACHER_DIR))
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
