@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from colpali_engine.models import ColQwen3, ColQwen3Processor
 
 from minirerank_core.engine.config import RerankConfig
 from minirerank_core.errors import InvalidQueryError
@@ -17,19 +16,14 @@ from minirerank_core.rerankers import MiniReranker
 from minirerank_core.retrieval import PageIndex
 from minirerank_core.retrieval.embedder import PageEmbedder
 from minirerank_core.retrieval.importance import query_importance
-from minirerank_core.testing import build_processor, build_tokenizer, random_page_image, tiny_config, tiny_model_and_processor
-from minirerank_core.testing import make_pdf
+from minirerank_core.testing import make_pdf, random_page_image, tiny_embedder, tiny_model_and_processor
 
 MAX_PIXELS = 32 * 32 * 12
 
 
 @pytest.fixture(scope="module")
 def models():
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    colqwen = ColQwen3(tiny_config("qwen3_vl", tok)).eval()
-    hp = build_processor("qwen3_vl", tok, max_pixels=32 * 32 * 40)
-    proc = ColQwen3Processor(image_processor=hp.image_processor, tokenizer=hp.tokenizer, video_processor=hp.video_processor)
+    colqwen, proc = tiny_embedder("qwen3_vl", max_pixels=32 * 32 * 40)
     rr_model, rr_proc = tiny_model_and_processor("qwen3_vl", max_pixels=MAX_PIXELS)
     return colqwen, proc, rr_model, rr_proc
 

@@ -79,17 +79,12 @@ def ray_address():
 @pytest.fixture(scope="module")
 def models(tiny, tmp_path_factory):
     """A pruning reranker checkpoint (index-time maps travel through the prefill stage) and a ColQwen3 embedder."""
-    from colpali_engine.models import ColQwen3, ColQwen3Processor
 
     root = tmp_path_factory.mktemp("ray_models")
     model, proc = tiny("qwen3_vl")
     ckpt = root / "reranker"
     MiniReranker(model, proc, RerankConfig(exit_layer=5, band=(2, 4), keep_ratio=0.5, index_keep_ratio=0.5)).save_pretrained(ckpt)
-    tok = T.build_tokenizer()
-    torch.manual_seed(0)
-    emb = ColQwen3(T.tiny_config("qwen3_vl", tok)).eval()
-    hp = T.build_processor("qwen3_vl", tok, max_pixels=32 * 32 * 40)
-    emb_proc = ColQwen3Processor(image_processor=hp.image_processor, tokenizer=hp.tokenizer, video_processor=hp.video_processor)
+    emb, emb_proc = T.tiny_embedder("qwen3_vl", max_pixels=32 * 32 * 40)
     emb_dir = root / "embedder"
     emb.save_pretrained(emb_dir)
     emb_proc.save_pretrained(emb_dir)

@@ -27,14 +27,7 @@ def ckpt(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedder_ckpt(tmp_path_factory) -> Path:
-    import torch
-    from colpali_engine.models import ColQwen3, ColQwen3Processor
-
-    tok = T.build_tokenizer()
-    torch.manual_seed(0)
-    model = ColQwen3(T.tiny_config("qwen3_vl", tok)).eval()
-    hp = T.build_processor("qwen3_vl", tok, max_pixels=32 * 32 * 40)
-    proc = ColQwen3Processor(image_processor=hp.image_processor, tokenizer=hp.tokenizer, video_processor=hp.video_processor)
+    model, proc = T.tiny_embedder("qwen3_vl", max_pixels=32 * 32 * 40)
     path = tmp_path_factory.mktemp("serve_emb") / "colqwen3"
     model.save_pretrained(path)
     proc.save_pretrained(path)
