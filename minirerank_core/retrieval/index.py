@@ -331,23 +331,27 @@ class PageIndex:
         in one commit: each directory is moved into the index (a rename: keep them on the index's filesystem) and
         the manifest switches once to include them all. Returns the pages added.
 
-        The segments must hold pages not already in the index. A crash after a move and before the switch leaves
-        an unreferenced segment directory that the index's next write removes."""
+        The segments must hold pages not already in the index; they are checked where they are, so a refused
+        call moves nothing. A crash after a move and before the switch leaves an unreferenced segment directory
+        that the index's next write removes."""
         if self._path is None:
             raise IndexStateError("adopt() needs an index bound to a directory (PageIndex.create/open)")
+        dirs = [Path(d) for d in segment_dirs]
+        if not dirs:
+            return 0
         with self._write_lock:
-            segments = []
-            for d in map(Path, segment_dirs):
-                os.replace(d, self._path / d.name)
-                segments.append(Segment.read(self._path / d.name))
-            if not segments:
-                return 0
-            dims = {s.dim for s in segments} | ({self._dim} if self._dim is not None else set())
+            staged = [Segment.read(d) for d in dirs]
+            dims = {s.dim for s in staged} | ({self._dim} if self._dim is not None else set())
             if len(dims) > 1:
                 raise IndexStateError(f"segments of dims {sorted(dims)} cannot share one index (another embedder?)")
-            known = [pid for s in segments for pid in s.ids if pid in self._where]
+            known = [pid for s in staged for pid in s.ids if pid in self._where]
             if known:
                 raise DuplicatePageIdError(f"already in the index: {known[:5]}{' ...' if len(known) > 5 else ''}")
+            del staged  # they map files at the old paths: read again once moved
+            segments = []
+            for d in dirs:
+                os.replace(d, self._path / d.name)
+                segments.append(Segment.read(self._path / d.name))
             old_dim, self._dim = self._dim, dims.pop()
             try:
                 self._commit([*self._segments, *segments],

@@ -170,6 +170,7 @@ def test_adopt_takes_over_segments_written_elsewhere(tmp_path):
     with pytest.raises(DuplicatePageIdError):
         index.adopt([staging / "seg-again"])
     assert len(index) == 40 and len(PageIndex.open(tmp_path / "ix")) == 40
+    assert (staging / "seg-again").is_dir() and not (tmp_path / "ix" / "seg-again").exists()  # refused: nothing moved
     with pytest.raises(IndexStateError):
         PageIndex().adopt([])
 
