@@ -66,6 +66,16 @@ class SearchHit:
     embedding: PageEmbedding | None = field(default=None, compare=False, repr=False)
 
 
+def require_same_content(page: PageEmbedding, in_call: bool, known_hash: str | None) -> None:
+    """Every backend's rule for a page id it already holds (or saw earlier in the same call): the caller skips the
+    page when its content is the same (re-adding a page is a no-op); anything else raises DuplicatePageIdError."""
+    if page.content_hash is None or page.content_hash != known_hash:
+        raise DuplicatePageIdError(
+            f"page id {page.page_id!r} is already {'in this call' if in_call else 'indexed'} "
+            "with different (or unknown) content; delete it first or give the page another id"
+        )
+
+
 @runtime_checkable
 class PageIndexBackend(Protocol):
     """What the first stage, the pipeline and the retrievers need of a page index. :class:`PageIndex` (FAISS, a
@@ -397,13 +407,9 @@ class PageIndex:
                 if page.dim != dim:
                     raise ValueError(f"page {page.page_id!r} has dim {page.dim}, the index has dim {dim}")
                 if page.page_id in seen or page.page_id in self._where:
-                    other = seen[page.page_id] if page.page_id in seen else self._hash_of(page.page_id)
-                    if page.content_hash is not None and page.content_hash == other:
-                        continue
-                    raise DuplicatePageIdError(
-                        f"page id {page.page_id!r} is already {'in this call' if page.page_id in seen else 'indexed'} "
-                        "with different (or unknown) content; delete it first or give the page another id"
-                    )
+                    in_call = page.page_id in seen
+                    require_same_content(page, in_call, seen[page.page_id] if in_call else self._hash_of(page.page_id))
+                    continue
                 meta = {**page.metadata, **dict((metadata[i] if metadata is not None else None) or {})}
                 try:
                     canonical_json(meta)

@@ -49,11 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DuplicatePageIdError, IndexStateError
+from ..errors import ConfigError, IndexStateError
 from ..fileio import canonical_json
 from ..validation import check_positive_int
 from .embedding import PageEmbedding
-from .index import QueryLike, SearchHit, as_query_array
+from .index import QueryLike, SearchHit, as_query_array, require_same_content
 
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "minirerank/page")
 _LOOKUP_CHUNK = 256  # page ids per filter request
@@ -294,14 +294,10 @@ class QdrantPageIndex:
         points = []
         for i, page in enumerate(pages):
             if page.page_id in seen or page.page_id in existing:
-                other = seen[page.page_id] if page.page_id in seen else \
-                    (existing[page.page_id].payload or {}).get(self.fields.content_hash)
-                if page.content_hash is not None and page.content_hash == other:
-                    continue
-                raise DuplicatePageIdError(
-                    f"page id {page.page_id!r} is already {'in this call' if page.page_id in seen else 'indexed'} "
-                    "with different (or unknown) content; delete it first or give the page another id"
-                )
+                in_call = page.page_id in seen
+                require_same_content(page, in_call, seen[page.page_id] if in_call else
+                                  (existing[page.page_id].payload or {}).get(self.fields.content_hash))
+                continue
             meta = {**page.metadata, **dict((metadata[i] if metadata is not None else None) or {})}
             clash = self.fields.reserved() & set(meta)
             if clash:
