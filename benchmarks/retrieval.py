@@ -16,7 +16,7 @@ always against exact MaxSim over the *unpooled* vectors, and "positive@20" is ho
 in the top 20.
 
     python benchmarks/retrieval.py --quick                      # seconds (CI smoke test)
-    nice python benchmarks/retrieval.py                         # 10k and 100k pages x 700 vectors (hours on 2 cores)
+    nice python benchmarks/retrieval.py                         # 10k and 100k pages x 700 vectors (~1.5 h, 1 thread)
     python benchmarks/retrieval.py --sizes 20000 --tokens 700 --sweep 32:64:0,32:256:200,64:256:0
     python benchmarks/retrieval.py --real /work/train_runs/data --min-tokens 600 --pool-factors 1,2,3
 
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         sizes, tokens = args.sizes or [10_000, 100_000], args.tokens or [700, 700]
         args.queries = args.queries or (200 if args.real else 50)
         args.vector_dtype = args.vector_dtype or "float16"
-        args.sweep = args.sweep or ["64:256:0", "64:256:200"]
+        args.sweep = args.sweep or ["32:64:100", "64:256:0", "64:256:100"]
     args.exact_queries = args.exact_queries or (args.queries if args.quick or args.real else 3)
     if len(tokens) != len(sizes):
         p.error("--tokens needs one value per size")

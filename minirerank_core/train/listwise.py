@@ -27,6 +27,12 @@ teacher scores are computed first, page by page (each page's KV once), and kept 
 resumed or extended run computes only the pairs it lacks. Training resumes from OUT/ckpt (model, optimizer,
 step). The vision tower, the token embeddings (tied to the label head) stay frozen.
 
+Options for a student that has never had to read a label back (docs/DESIGN.md, listwise training):
+--label / --label-after-page / --cached-label put each label after the point-wise question about its page;
+--freeze-below keeps the layers below it as the init has them (at or above the cached band's end the page KV is
+the init's point-wise page cache, prefilled once per page); --copy-warmup / --copy-weight add the copy task
+(copy_loss); --distill-weight 0 runs no teacher; --windows-per-step accumulates several windows per step.
+
 Validation reranks each validation query's first-stage top --eval-candidates (the embedder's exact MaxSim over
 the split) with ListwiseReranker, the inference facade. OUT/final is a save_pretrained folder whose
 minirerank_config.json holds one ListwiseConfig per trained layout (`ListwiseReranker.from_pretrained(OUT/final)`
@@ -63,7 +69,7 @@ from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at,
 from .data import DataSet
 from .listwise_losses import ranknet_loss, soft_ranking_loss
 from .metrics import summarize
-from .models import FrozenVisionCache, n_params, visual_module
+from .models import FrozenVisionCache, lm_layer, n_params, visual_module
 
 SCORES_FORMAT = format_tag("listwise-teacher-scores", 1)
 # The trained model's cached label segment: the label, then the point-wise teacher's own question about the page.
@@ -121,52 +127,78 @@ class ListwiseScorer:
         self.answer_id = single_token_ids(self.tok, [template.answer], "the answer prefix")[0]
         self.prefix_ids = tokenize(self.tok, template.prefix)
         self.image_batch = image_batch
+        # page id -> PageKV, when the layers that compute the page KV are frozen (see --freeze-below): each page's
+        # band KV is then a constant, prefilled once without gradients and reused by every window that holds it.
+        self.frozen_kv: dict[str, object] | None = None
 
     def single_pass(self, query: str, images: list, keep_ratio: float = 1.0,
-                    importance: list[torch.Tensor | None] | None = None, tap_layer: int | None = None) -> WindowOutput:
-        """ZipRerank's single pass over `images` in this order (QI-EI when importance is None)."""
+                    importance: list[torch.Tensor | None] | None = None, tap_layer: int | None = None,
+                    labels: Sequence[str] | None = None) -> WindowOutput:
+        """ZipRerank's single pass over `images` in this order (QI-EI when importance is None). `labels`: the
+        pages' labels (default: the first len(images) of self.labels); the logits are always over all labels."""
         feats, grid_thw = encode_pages(self.adapter, self.processor.image_processor, images, self.image_batch)
-        seq = window_sequence(self.adapter, self.tok, self.template, self.labels, self.answer_id, query, feats, grid_thw,
-                              keep_ratio, importance)
+        seq = window_sequence(self.adapter, self.tok, self.template, labels or self.labels, self.answer_id, query,
+                              feats, grid_thw, keep_ratio, importance)
         tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None
         try:
-            logits = single_pass_logits(self.adapter, [seq], self.head)[0, : len(images)]
+            logits = single_pass_logits(self.adapter, [seq], self.head)[0]
         finally:
             if tap is not None:
                 tap.close()
         if tap is None:
-            return WindowOutput(logits)
+            return WindowOutput(self._window_logits(logits, len(images), labels))
         rows = torch.nonzero(seq.visual).squeeze(1)  # one unpadded sequence: rows are the sequence's own
         owners = torch.repeat_interleave(torch.arange(len(seq.keep)), torch.tensor([len(k) for k in seq.keep]))
-        return WindowOutput(logits, tap.out[0, rows], owners.to(rows.device))
+        return WindowOutput(self._window_logits(logits, len(images), labels), tap.out[0, rows], owners.to(rows.device))
 
     def cached(self, query: str, images: list, exit_layer: int, band: tuple[int, int], keep_ratio: float = 1.0,
-               importance: list[torch.Tensor] | None = None, tap_layer: int | None = None) -> WindowOutput:
-        """The cached layout; the page KV is prefilled here with gradients (the point-wise prefill)."""
-        kvs = prefill_pages(self.adapter, self.processor.image_processor, self.prefix_ids, images, band)
+               importance: list[torch.Tensor] | None = None, tap_layer: int | None = None,
+               page_ids: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> WindowOutput:
+        """The cached layout; the page KV is prefilled here with gradients (the point-wise prefill), or read from
+        `frozen_kv` by page id when the page side is frozen."""
+        kvs = self._page_kvs(images, band, page_ids)
         imps = importance if importance is not None else [None] * len(kvs)
         rows = [kept_rows(kv, imp, keep_ratio) for kv, imp in zip(kvs, imps)]
-        window = cached_window(self.tok, self.template, self.labels, self.answer_id, query, kvs, rows)
+        window = cached_window(self.tok, self.template, labels or self.labels, self.answer_id, query, kvs, rows)
         pk = prefix_kv(self.adapter, self.prefix_ids, exit_layer)
         tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None  # after the prefills: query rows only
         try:
-            logits = cached_logits(self.adapter, pk, [window], exit_layer, band, self.head)[0, : len(images)]
+            logits = cached_logits(self.adapter, pk, [window], exit_layer, band, self.head)[0]
         finally:
             if tap is not None:
                 tap.close()
+        logits = self._window_logits(logits, len(images), labels)
         if tap is None:
             return WindowOutput(logits)
         seg = window.query.seg
         last = [int(torch.nonzero(seg == i)[-1]) for i in range(len(images))]
         return WindowOutput(logits, tap.out[0, last], torch.arange(len(images)))
 
+    def _window_logits(self, logits: torch.Tensor, n: int, labels: Sequence[str] | None) -> torch.Tensor:
+        """The pages' scores (n,) in the default labelling; with explicit `labels`, every label's logit."""
+        return logits if labels else logits[:n]
+
+    def _page_kvs(self, images: list, band: tuple[int, int], page_ids: Sequence[str] | None) -> list:
+        if self.frozen_kv is None or page_ids is None:
+            return prefill_pages(self.adapter, self.processor.image_processor, self.prefix_ids, images, band)
+        todo = [i for i, p in enumerate(page_ids) if p not in self.frozen_kv]
+        if todo:
+            with torch.no_grad():
+                got = prefill_pages(self.adapter, self.processor.image_processor, self.prefix_ids,
+                                    [images[i] for i in todo], band)
+            self.frozen_kv.update((page_ids[i], kv) for i, kv in zip(todo, got))
+        return [self.frozen_kv[p] for p in page_ids]
+
     def window(self, config: ListwiseConfig, query: str, images: list, importance: list[torch.Tensor] | None = None,
-               tap_layer: int | None = None) -> WindowOutput:
-        """`config`'s layout (resolved: exit_layer / band filled)."""
+               tap_layer: int | None = None, page_ids: Sequence[str] | None = None,
+               labels: Sequence[str] | None = None) -> WindowOutput:
+        """`config`'s layout (resolved: exit_layer / band filled). With `labels` (the pages' labels, e.g. a random
+        subset as the copy task uses), the logits of every label instead of the pages' scores."""
         if config.mode == "cached":
-            return self.cached(query, images, config.exit_layer, config.band, config.keep_ratio, importance, tap_layer)
+            return self.cached(query, images, config.exit_layer, config.band, config.keep_ratio, importance, tap_layer,
+                               page_ids, labels)
         imp = importance if config.prune_by == "maps" else None
-        return self.single_pass(query, images, config.keep_ratio, imp, tap_layer)
+        return self.single_pass(query, images, config.keep_ratio, imp, tap_layer, labels)
 
     def scores(self, config: ListwiseConfig, query: str, images: list,
                importance: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -338,6 +370,35 @@ def window_loss(scores: torch.Tensor, positive: int | None, teacher: Sequence[fl
     return loss, {"ranknet": float(rank.detach()), "soft": float(soft.detach())}
 
 
+def copy_window(positive: str, all_pages: Sequence[str], labels: Sequence[str], rng: random.Random
+                ) -> tuple[list[str], list[str]]:
+    """The copy task's window: 1-3 pages (the query's positive half the time) under randomly drawn labels."""
+    n = rng.choice((1, 1, 2, 3))
+    pages = [positive] if rng.random() < 0.5 else []
+    while len(pages) < n:
+        p = rng.choice(all_pages)
+        if p not in pages:
+            pages.append(p)
+    return pages, rng.sample(list(labels), n)
+
+
+def copy_loss(logits: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
+    """Cross-entropy of the label logits against the labels present in the window (uniform over them).
+
+    Why: "[" can only name the best page if it reads the label tokens back, and the ranking loss alone gives
+    that circuit no gradient until it exists (attention that does not yet prefer the relevant label moves no
+    label's logit, and vice versa). On the toy student this loss is learnt in a few dozen steps; after it, the
+    ranking loss only has to make the attention prefer relevant labels."""
+    target = torch.zeros_like(logits, dtype=torch.float32)
+    target[list(present)] = 1.0 / len(present)
+    return -(target * torch.log_softmax(logits.float(), -1)).sum()
+
+
+def _accumulate(parts: dict[str, float], values: dict[str, float], n: int) -> None:
+    for k, v in values.items():
+        parts[k] = parts.get(k, 0.0) + v / n
+
+
 # --- first stage: mined negatives and evaluation candidates -----------------------------------------------------
 def first_stage_top(importance, ds: DataSet, split: str, k: int, queries: Sequence[dict]) -> dict[str, list[str]]:
     """Each query's top-k pages of `split` by the embedder's exact MaxSim (as the first stage returns them)."""
@@ -433,6 +494,10 @@ def train(args) -> dict:
     template = DEFAULT_LISTWISE_TEMPLATE
     if args.cached_label:
         template = dataclasses.replace(template, cached_label=args.cached_label)
+    if args.label:
+        template = dataclasses.replace(template, label=args.label)
+    if args.label_after_page:
+        template = dataclasses.replace(template, label_after_page=True)
     scorer = ListwiseScorer(model, processor, template)
     cache = FrozenVisionCache(visual_module(model))  # frozen tower: each page's features are computed once
     importance = Importance(args.embedder, device, max_visual_tokens_of(processor), cache)
@@ -449,20 +514,25 @@ def train(args) -> dict:
         log(event="mined", queries=len(mined), seconds=round(time.time() - t0, 1))
     all_pages = ds.page_ids("train")
     curriculum = curriculum_of(args)
-    plans = []
+    plans = []  # plans[step]: the step's windows (--windows-per-step of them)
+    W = args.windows_per_step
     for s in range(args.steps):
         lo, hi, frac = curriculum.at(s, args.steps)
-        plans.append(plan_step(s, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs)))
+        plans.append([plan_step(s * W + b, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs))
+                      for b in range(W)])
 
     # Teacher scores of every pair the run needs, before training (a resumed run computes only what it lacks).
-    teacher = TeacherScores(out / "teacher_scores.json", str(args.teacher))
-    pairs: dict[str, set[str]] = {}
-    for p in plans:
-        pairs.setdefault(p.qid, set()).update(p.pages)
-    text = {q["qid"]: q["query"] for q in train_q}
-    t0 = time.time()
-    computed = teacher.fill(args.teacher, pairs, text, ds.image_path, device=str(device), vision_cache=cache, log=log)
-    log(event="teacher", pairs_computed=computed, pairs_cached=len(teacher), seconds=round(time.time() - t0, 1))
+    # With --distill-weight 0 no teacher is run (RankNet on the labels alone).
+    teacher = TeacherScores(out / "teacher_scores.json", str(args.teacher)) if args.distill_weight > 0 else None
+    if teacher is not None:
+        pairs: dict[str, set[str]] = {}
+        for p in (x for step_plans in plans for x in step_plans):
+            pairs.setdefault(p.qid, set()).update(p.pages)
+        text = {q["qid"]: q["query"] for q in train_q}
+        t0 = time.time()
+        computed = teacher.fill(args.teacher, pairs, text, ds.image_path, device=str(device), vision_cache=cache,
+                                log=log)
+        log(event="teacher", pairs_computed=computed, pairs_cached=len(teacher), seconds=round(time.time() - t0, 1))
 
     # Validation: each query's first-stage top --eval-candidates over the validation split (computed once).
     val_q = ds.split_queries("val")[: args.eval_queries]
@@ -478,6 +548,16 @@ def train(args) -> dict:
         exits = [c.exit_layer for c in configs if c.mode == "cached"] or [n_layers]
         args.relevance_layer = max(0, exits[0] - 3)  # its output leaves two layers to compare the labels
     params = trainable_parameters(model, n_layers, train_vision=False, train_embeddings=False)
+    if args.freeze_below:
+        # Layers below --freeze-below keep the init's weights. When they cover every layer the page prefill runs
+        # (the cached band), the page KV is the init's own point-wise page cache: computed once per page here, and
+        # at inference shared with a MiniReranker over the init checkpoint.
+        params = [p for n, p in model.named_parameters() if p.requires_grad and not _below(n, args.freeze_below)]
+        for n, p in model.named_parameters():
+            if _below(n, args.freeze_below):
+                p.requires_grad_(False)
+        if all(c.mode != "cached" or args.freeze_below >= c.band[1] for c in configs):
+            scorer.frozen_kv = {}
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     meta = load_checkpoint(out / "ckpt", model, opt)
     step = meta["step"] if meta else 0
@@ -499,39 +579,58 @@ def train(args) -> dict:
     t_last, stats = time.time(), []
     query_of = {q["qid"]: q for q in train_q}
     while step < args.steps:
-        plan = plans[step]
-        q = query_of[plan.qid]
         set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
         opt.zero_grad(set_to_none=True)
         parts: dict[str, float] = {}
-        for cfg, order in zip(configs, plan.orders):
-            ids = [plan.pages[i] for i in order]
-            imp = None
-            if cfg.mode == "cached" and cfg.keep_ratio < 1.0:
-                imp = importance.maps(ds, ids, [q["query"]])[0]
-            aux_w = aux_weight(step)
-            with autocast(device, amp):
-                tap = (args.bind_layer if cfg.mode == "single_pass" else args.relevance_layer) if aux_w > 0 else None
-                w = scorer.window(cfg, q["query"], [ds.image(p) for p in ids], imp, tap_layer=tap)
-                s, t_scores = w.logits, teacher.get(plan.qid, ids)
-                pos = ids.index(q["positive"]) if q["positive"] in ids else None
-                loss, lp = window_loss(s, pos, t_scores, **loss_kw)
-                total = loss
-                if aux_w > 0:
-                    aux, ap = scorer.aux_loss(w, cfg.mode, pos, t_scores, **loss_kw)
-                    total = loss + aux_w * aux
-                    lp.update(ap)
-            (weights[cfg.mode] * total).backward()  # one layout's graph at a time: peak memory of one window
-            parts.update({f"{cfg.mode}_loss": float(loss.detach()), **{f"{cfg.mode}_{k}": v for k, v in lp.items()},
-                          f"{cfg.mode}_top1": float(pos is not None and int(s.detach().argmax()) == pos)})
+        copy_only = step < args.copy_warmup
+        for plan in ([] if copy_only else plans[step]):
+            q = query_of[plan.qid]
+            for cfg, order in zip(configs, plan.orders):
+                ids = [plan.pages[i] for i in order]
+                imp = None
+                if cfg.mode == "cached" and cfg.keep_ratio < 1.0:
+                    imp = importance.maps(ds, ids, [q["query"]])[0]
+                aux_w = aux_weight(step)
+                with autocast(device, amp):
+                    tap = (args.bind_layer if cfg.mode == "single_pass" else args.relevance_layer) if aux_w > 0 else None
+                    w = scorer.window(cfg, q["query"], [ds.image(p) for p in ids], imp, tap_layer=tap, page_ids=ids)
+                    s = w.logits
+                    t_scores = teacher.get(plan.qid, ids) if teacher is not None else [0.0] * len(ids)
+                    pos = ids.index(q["positive"]) if q["positive"] in ids else None
+                    loss, lp = window_loss(s, pos, t_scores, **loss_kw)
+                    total = loss
+                    if aux_w > 0:
+                        aux, ap = scorer.aux_loss(w, cfg.mode, pos, t_scores, **loss_kw)
+                        total = loss + aux_w * aux
+                        lp.update(ap)
+                # one window's graph at a time: peak memory of one window
+                (weights[cfg.mode] * total / len(plans[step])).backward()
+                _accumulate(parts, {f"{cfg.mode}_loss": float(loss.detach()),
+                                    **{f"{cfg.mode}_{k}": v for k, v in lp.items()},
+                                    f"{cfg.mode}_top1": float(pos is not None and int(s.detach().argmax()) == pos)},
+                            len(plans[step]))
+        copy_w = 1.0 if copy_only else args.copy_weight
+        if copy_w > 0:
+            for b in range(args.windows_per_step):
+                rng = random.Random(f"{args.seed}:copy:{step}:{b}")
+                q = train_q[rng.randrange(len(train_q))]
+                ids, labels = copy_window(q["positive"], all_pages, scorer.labels, rng)
+                for cfg in configs:
+                    imp = importance.maps(ds, ids, [q["query"]])[0] if cfg.mode == "cached" and cfg.keep_ratio < 1 else None
+                    with autocast(device, amp):
+                        w = scorer.window(cfg, q["query"], [ds.image(p) for p in ids], imp, page_ids=ids, labels=labels)
+                        loss = copy_loss(w.logits, [scorer.labels.index(x) for x in labels])
+                    (copy_w * weights[cfg.mode] * loss / args.windows_per_step).backward()
+                    _accumulate(parts, {f"{cfg.mode}_copy": float(loss.detach())}, args.windows_per_step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         bar.update(1)
         stats.append(parts)
         if step % args.log_every == 0:
-            mean = {k: sum(p[k] for p in stats) / len(stats) for k in stats[0]}
-            log(step=step, window=len(plan.pages), sec_per_step=(time.time() - t_last) / len(stats), **mean)
+            keys = sorted({k for p in stats for k in p})  # copy-only steps log fewer parts
+            mean = {k: sum(p[k] for p in stats if k in p) / sum(k in p for p in stats) for k in keys}
+            log(step=step, window=len(plans[step - 1][0].pages), sec_per_step=(time.time() - t_last) / len(stats), **mean)
             t_last, stats = time.time(), []
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(out / "ckpt", model, opt, step)
@@ -544,12 +643,19 @@ def train(args) -> dict:
     final.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    trained = {"stage": "listwise", "steps": step, "teacher": str(args.teacher), "curriculum": asdict(curriculum),
+    trained = {"stage": "listwise", "steps": step, "teacher": str(args.teacher) if teacher is not None else None,
+               "init": str(args.init), "freeze_below": args.freeze_below, "curriculum": asdict(curriculum),
                "eval": f"val split, first-stage top {args.eval_candidates}, {len(val_q)} queries", **result}
     settings = listwise_settings([c.replace(device="auto", dtype="auto") for c in configs], template)
     write_listwise_settings(final, settings, training=trained)
     write_json(out / "result.json", {"step": step, **result})
     return result
+
+
+def _below(name: str, layer: int) -> bool:
+    """Whether parameter `name` belongs to an LM decoder layer below `layer`."""
+    own = lm_layer(name)
+    return own is not None and own < layer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -589,6 +695,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cached-label", default=TRAINED_CACHED_LABEL,
                     help="cached layout: the label segment L_i of the trained template ({label}, {query}); '' keeps "
                          "the template's plain label")
+    ap.add_argument("--freeze-below", type=int, default=0,
+                    help="keep LM layers below this one as the init has them (0: train every layer); at or above the "
+                         "cached band's end the page KV is the init's point-wise page cache, prefilled once per page")
+    ap.add_argument("--label", default=None,
+                    help="single pass: the label segment L_i of the trained template ({label}, {query}; default: the "
+                         "template's '\\n[{label}] ')")
+    ap.add_argument("--label-after-page", action="store_true",
+                    help="single pass: put each label segment after its page (see rerankers/listwise/prompt.py)")
+    ap.add_argument("--windows-per-step", type=int, default=1, help="windows whose gradients make one optimizer step")
+    ap.add_argument("--copy-weight", type=float, default=0.0,
+                    help="weight of the copy task (name the labels present in a 1-3 page window; see copy_loss)")
+    ap.add_argument("--copy-warmup", type=int, default=0,
+                    help="first steps that train the copy task alone (at weight 1), before the ranking losses")
     ap.add_argument("--ranknet-weight", type=float, default=1.0)
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--decay", type=float, default=0.5, help="soft-ranking target weight decay per position")

@@ -139,6 +139,12 @@ def text_embeddings(model):
     return lm.embed_tokens
 
 
+def lm_layer(name: str) -> int | None:
+    """The LM decoder layer a parameter name belongs to (None: vision tower, embeddings, final norm, head)."""
+    marker = "language_model.layers."
+    return int(name.split(marker, 1)[1].split(".", 1)[0]) if marker in name else None
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

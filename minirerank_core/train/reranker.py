@@ -45,8 +45,8 @@ from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at,
                      save_checkpoint, set_lr, setup_runtime)
 from .data import DataSet
 from .metrics import summarize
-from .models import (FrozenVisionCache, load_pretrained_reader, n_params, reranker_processor, text_embeddings,
-                     visual_module)
+from .models import (FrozenVisionCache, lm_layer, load_pretrained_reader, n_params, reranker_processor,
+                     text_embeddings, visual_module)
 
 def shared_offset_for(tokenizer, template: PromptTemplate, max_visual_tokens: int) -> int:
     """The offset MiniReranker picks by default: any page's query start is <= |P| + 2 + max visual tokens."""
@@ -484,10 +484,8 @@ def trainable_parameters(model, exit_layer: int, train_vision: bool = False, tra
 
 
 def _after_exit(name: str, exit_layer: int) -> bool:
-    marker = "language_model.layers."
-    if marker not in name:
-        return False
-    return int(name.split(marker, 1)[1].split(".", 1)[0]) >= exit_layer
+    layer = lm_layer(name)
+    return layer is not None and layer >= exit_layer
 
 
 def build_parser() -> argparse.ArgumentParser:

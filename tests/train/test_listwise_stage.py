@@ -251,3 +251,99 @@ def test_stage_trains_resumes_and_exports(toy, tmp_path, monkeypatch):
     from minirerank_core.glue.reranking import build_reranker
 
     assert build_reranker(mode="listwise").config == single.config
+
+
+def test_label_after_page_template_is_what_the_reranker_runs(toy):
+    """The trained template's label segments follow their pages (and may repeat the query); the reranker and the
+    training scorer build the same prompt from it, and it is a different prompt from ZipRerank's order."""
+    from minirerank_core.rerankers.listwise.prompt import ListwiseTemplate
+
+    after = ListwiseTemplate(label="\nQuery: {query} [{label}", label_after_page=True)
+    text = after.single_pass_text("socket buffer", ("A", "B"))
+    assert text.index("<|vision_end|>") < text.index("Query: socket buffer [A") < text.rindex("<|vision_start|>")
+    model, proc = _load(toy / "teacher")
+    model.eval()
+    images = _images(4, seed=40)
+    cfg = ListwiseConfig(dtype="float32", device="cpu")
+    pages = [Page(im, id=f"p{i}") for i, im in enumerate(images)]
+    want = ListwiseReranker(model, proc, cfg, template=after).score("socket buffer", pages)
+    with torch.no_grad():
+        got = L.ListwiseScorer(model, proc, after).single_pass("socket buffer", images).logits
+        before = L.ListwiseScorer(model, proc).single_pass("socket buffer", images).logits
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert (got - before).abs().max() > 1e-4
+
+
+def test_frozen_page_side_prefills_each_page_once_with_the_same_kv(toy, monkeypatch):
+    """With the page-side layers frozen, the cached layout reads each page's KV from one no-grad prefill, and the
+    logits are those of a fresh prefill (and of the reranker)."""
+    model, proc = _load(toy / "teacher")
+    model.eval()
+    calls = []
+    real = L.prefill_pages
+    monkeypatch.setattr(L, "prefill_pages", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    images = _images(4, seed=50)
+    ids = [f"p{i}" for i in range(4)]
+    cfg = ListwiseConfig(mode="cached", exit_layer=3, band=(1, 3), dtype="float32", device="cpu").resolve(4)
+    scorer = L.ListwiseScorer(model, proc)
+    with torch.no_grad():
+        fresh = scorer.window(cfg, "thread lock", images, page_ids=ids).logits
+    scorer.frozen_kv = {}
+    memo = scorer.window(cfg, "thread lock", images, page_ids=ids).logits
+    again = scorer.window(cfg, "socket buffer", images[::-1], page_ids=ids[::-1]).logits
+    assert calls == [4, 4]  # the fresh prefill, then one prefill for the memo; the second window reuses it
+    assert all(kv.k.grad_fn is None for kv in scorer.frozen_kv.values())
+    assert memo.tolist() == pytest.approx(fresh.tolist(), rel=1e-5, abs=1e-5)
+    want = ListwiseReranker(model, proc, cfg).score("socket buffer", [Page(im, id=i) for im, i in zip(images[::-1], ids[::-1])])
+    assert again.detach().tolist() == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_copy_task_names_the_labels_present():
+    import random
+
+    labels = tuple("ABCDEFGHIJKLMNOPQRST")
+    pages = [f"p{i}" for i in range(30)]
+    draws = [L.copy_window("p7", pages, labels, random.Random(f"0:copy:{s}")) for s in range(200)]
+    assert draws[3] == L.copy_window("p7", pages, labels, random.Random("0:copy:3"))  # deterministic
+    assert {len(p) for p, _ in draws} == {1, 2, 3}
+    assert all(len(set(p)) == len(p) == len(x) == len(set(x)) for p, x in draws)
+    assert 0.3 < sum("p7" in p for p, _ in draws) / len(draws) < 0.7
+    assert len({x[0] for _, x in draws}) == 20  # any label, not only the first ones
+    # The loss is lowest (log n) when the logits split evenly over the labels present, and it trains the logits.
+    present = [2, 11]
+    even = torch.full((20,), -10.0)
+    even[present] = 10.0
+    logits = torch.zeros(20, requires_grad=True)
+    assert float(L.copy_loss(even, present)) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
+    assert float(L.copy_loss(torch.zeros(20), present)) == pytest.approx(float(torch.log(torch.tensor(20.0))), abs=1e-6)
+    L.copy_loss(logits, present).backward()
+    assert logits.grad[present].lt(0).all() and logits.grad[[0, 5]].gt(0).all()
+
+
+def test_stage_with_frozen_page_side_and_copy_task(toy, tmp_path):
+    """--freeze-below keeps the page-side layers as the init has them (so the page cache is the init's),
+    --distill-weight 0 runs no teacher, --copy-warmup trains the copy task alone first."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen"
+    args = _stage_args(toy, out, 3) + ["--layouts", "cached", "--freeze-below", "3", "--distill-weight", "0",
+                                       "--copy-warmup", "1", "--copy-weight", "0.5", "--windows-per-step", "2",
+                                       "--cached-label", "\nQuery: {query} [{label}", "--cached-exit-layer", "4"]
+    L.main(args)
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert not (out / "teacher_scores.json").exists() and not any(e.get("event") == "teacher" for e in events)
+    steps = [e for e in events if "cached_copy" in e]
+    assert len(steps) == 3 and "cached_loss" not in steps[0] and all("cached_loss" in e for e in steps[1:])
+    init = load_file(str(toy / "teacher" / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+
+    def q_proj(weights, layer):  # checkpoints name the LM layers with or without a "model." prefix
+        (key,) = [k for k in weights if k.endswith(f"layers.{layer}.self_attn.q_proj.weight")]
+        return weights[key]
+
+    assert torch.equal(q_proj(init, 2), q_proj(final, 2))  # frozen (band (1, 3) ends at 3)
+    assert not torch.equal(q_proj(init, 3), q_proj(final, 3))  # trained (exit 4: every layer runs)
+    saved = read_listwise_settings(out / "final")
+    assert saved.template.cached_label == "\nQuery: {query} [{label}"
+    trained = json.loads((out / "final" / "minirerank_config.json").read_text())["training"]
+    assert trained["freeze_below"] == 3 and trained["teacher"] is None

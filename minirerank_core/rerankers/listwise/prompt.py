@@ -3,10 +3,18 @@
 One template serves both layouts (V_i = <|vision_start|> visual tokens <|vision_end|> of page i, L_i its label):
 
     single_pass (ZipRerank):  prefix ⊕ intro(query) ⊕ L_1 V_1 ⊕ … ⊕ L_n V_n ⊕ instruction ⊕ "["
+                              (label_after_page: … ⊕ V_1 L_1 ⊕ … ⊕ V_n L_n ⊕ …)
     cached (vision-first):    prefix ⊕ V_1 ⊕ … ⊕ V_n ⊕ intro(query) ⊕ L_1 ⊕ … ⊕ L_n ⊕ instruction ⊕ "["
 
-In the cached layout L_i is `cached_label` when the template sets it (else `label`); it may repeat the query, so
-that the tokens bound to page i read it with the query in hand, as a point-wise reranker's query segment does.
+In the cached layout L_i is `cached_label` when the template sets it (else `label`). Either may repeat the query,
+so that the tokens bound to page i read it with the query in hand, as a point-wise reranker's query segment does.
+
+Why labels after pages (the trained model's template): a label token that comes after its page, in a segment that
+asks the point-wise question, holds both its own identity (its embedding) and its page's relevance (read from the
+page as a point-wise reranker reads it), so the final "[" needs one attention step to turn "which label is most
+relevant" into that label's logit. With the label before the page (ZipRerank's prompt), the page's relevance is
+only known after the label, and some later token has to fetch the label back (see docs/DESIGN.md, listwise
+training).
 
 The answer "[" is appended as its own token (as ZipRerank does) so that the next token is a bare label.
 """
@@ -32,7 +40,7 @@ class ListwiseTemplate:
         "I will provide you with {n} pages as images, each indicated by an identifier []. "
         "Rank the pages based on their relevance to the search query: {query}\n"
     )
-    label: str = "\n[{label}] "  # must contain "{label}"
+    label: str = "\n[{label}] "  # must contain "{label}"; may contain "{query}"
     instruction: str = (  # may contain "{query}" and "{n}"
         "\nSearch Query: {query}\nRank the {n} pages above based on their relevance to the search query. "
         "List them in descending order using identifiers, the most relevant first, in the format [] > []. "
@@ -40,6 +48,7 @@ class ListwiseTemplate:
     )
     answer: str = "["
     cached_label: str | None = None  # cached layout's L_i (None: `label`); must contain "{label}", may contain "{query}"
+    label_after_page: bool = False  # single pass: L_i follows its page V_i instead of preceding it
 
     def __post_init__(self):
         if "{query}" not in self.intro:
@@ -56,7 +65,8 @@ class ListwiseTemplate:
     def single_pass_text(self, query: str, labels: tuple[str, ...] | list[str]) -> str:
         """The ZipRerank prompt without the answer token, as a plain `transformers` user would write it."""
         n = len(labels)
-        pages = "".join(self.label.format(label=x) + VISION_SEGMENT for x in labels)
+        marks = [self.label.format(label=x, query=query, n=n) for x in labels]
+        pages = "".join(VISION_SEGMENT + m if self.label_after_page else m + VISION_SEGMENT for m in marks)
         return self.prefix + self.intro.format(n=n, query=query) + pages + self.instruction.format(n=n, query=query)
 
 
