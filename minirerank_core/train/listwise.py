@@ -69,7 +69,7 @@ from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at,
 from .data import DataSet
 from .listwise_losses import ranknet_loss, soft_ranking_loss
 from .metrics import summarize
-from .models import FrozenVisionCache, lm_layer, n_params, visual_module
+from .models import FrozenVisionCache, n_params, visual_module
 
 SCORES_FORMAT = format_tag("listwise-teacher-scores", 1)
 # The trained model's cached label segment: the label, then the point-wise teacher's own question about the page.
@@ -547,17 +547,12 @@ def train(args) -> dict:
     if args.relevance_layer is None:
         exits = [c.exit_layer for c in configs if c.mode == "cached"] or [n_layers]
         args.relevance_layer = max(0, exits[0] - 3)  # its output leaves two layers to compare the labels
-    params = trainable_parameters(model, n_layers, train_vision=False, train_embeddings=False)
-    if args.freeze_below:
-        # Layers below --freeze-below keep the init's weights. When they cover every layer the page prefill runs
-        # (the cached band), the page KV is the init's own point-wise page cache: computed once per page here, and
-        # at inference shared with a MiniReranker over the init checkpoint.
-        params = [p for n, p in model.named_parameters() if p.requires_grad and not _below(n, args.freeze_below)]
-        for n, p in model.named_parameters():
-            if _below(n, args.freeze_below):
-                p.requires_grad_(False)
-        if all(c.mode != "cached" or args.freeze_below >= c.band[1] for c in configs):
-            scorer.frozen_kv = {}
+    params = trainable_parameters(model, n_layers, train_vision=False, train_embeddings=False,
+                                  first_layer=args.freeze_below)
+    if args.freeze_below and all(c.mode != "cached" or args.freeze_below >= c.band[1] for c in configs):
+        # The frozen layers cover every layer the page prefill runs (the cached band): the page KV is the init's own
+        # point-wise page cache, computed once per page here, and at inference shared with a MiniReranker over the init.
+        scorer.frozen_kv = {}
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     meta = load_checkpoint(out / "ckpt", model, opt)
     step = meta["step"] if meta else 0
@@ -578,6 +573,13 @@ def train(args) -> dict:
     bar = progress(args.steps, step, "listwise", args.quiet)
     t_last, stats = time.time(), []
     query_of = {q["qid"]: q for q in train_q}
+
+    def run_window(cfg: ListwiseConfig, query: str, ids: list[str], **kw) -> WindowOutput:
+        """One window of these pages in `cfg`'s layout (with the embedder's maps when the cached layout prunes)."""
+        imp = importance.maps(ds, ids, [query])[0] if cfg.mode == "cached" and cfg.keep_ratio < 1.0 else None
+        with autocast(device, amp):
+            return scorer.window(cfg, query, [ds.image(p) for p in ids], imp, page_ids=ids, **kw)
+
     while step < args.steps:
         set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
         opt.zero_grad(set_to_none=True)
@@ -587,13 +589,10 @@ def train(args) -> dict:
             q = query_of[plan.qid]
             for cfg, order in zip(configs, plan.orders):
                 ids = [plan.pages[i] for i in order]
-                imp = None
-                if cfg.mode == "cached" and cfg.keep_ratio < 1.0:
-                    imp = importance.maps(ds, ids, [q["query"]])[0]
                 aux_w = aux_weight(step)
+                tap = (args.bind_layer if cfg.mode == "single_pass" else args.relevance_layer) if aux_w > 0 else None
+                w = run_window(cfg, q["query"], ids, tap_layer=tap)
                 with autocast(device, amp):
-                    tap = (args.bind_layer if cfg.mode == "single_pass" else args.relevance_layer) if aux_w > 0 else None
-                    w = scorer.window(cfg, q["query"], [ds.image(p) for p in ids], imp, tap_layer=tap, page_ids=ids)
                     s = w.logits
                     t_scores = teacher.get(plan.qid, ids) if teacher is not None else [0.0] * len(ids)
                     pos = ids.index(q["positive"]) if q["positive"] in ids else None
@@ -616,10 +615,8 @@ def train(args) -> dict:
                 q = train_q[rng.randrange(len(train_q))]
                 ids, labels = copy_window(q["positive"], all_pages, scorer.labels, rng)
                 for cfg in configs:
-                    imp = importance.maps(ds, ids, [q["query"]])[0] if cfg.mode == "cached" and cfg.keep_ratio < 1 else None
-                    with autocast(device, amp):
-                        w = scorer.window(cfg, q["query"], [ds.image(p) for p in ids], imp, page_ids=ids, labels=labels)
-                        loss = copy_loss(w.logits, [scorer.labels.index(x) for x in labels])
+                    loss = copy_loss(run_window(cfg, q["query"], ids, labels=labels).logits,
+                                     [scorer.labels.index(x) for x in labels])
                     (copy_w * weights[cfg.mode] * loss / args.windows_per_step).backward()
                     _accumulate(parts, {f"{cfg.mode}_copy": float(loss.detach())}, args.windows_per_step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -650,12 +647,6 @@ def train(args) -> dict:
     write_listwise_settings(final, settings, training=trained)
     write_json(out / "result.json", {"step": step, **result})
     return result
-
-
-def _below(name: str, layer: int) -> bool:
-    """Whether parameter `name` belongs to an LM decoder layer below `layer`."""
-    own = lm_layer(name)
-    return own is not None and own < layer
 
 
 def build_parser() -> argparse.ArgumentParser:

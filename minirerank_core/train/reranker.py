@@ -467,8 +467,10 @@ def train(args) -> dict:
     return result
 
 
-def trainable_parameters(model, exit_layer: int, train_vision: bool = False, train_embeddings: bool = False) -> list:
-    """Set requires_grad on `model` the way the recipe trains it and return the trainable parameters."""
+def trainable_parameters(model, exit_layer: int, train_vision: bool = False, train_embeddings: bool = False,
+                         first_layer: int = 0) -> list:
+    """Set requires_grad on `model` the way the recipe trains it and return the trainable parameters. LM layers
+    below `first_layer` stay as they are too (the listwise stage's --freeze-below)."""
     frozen = set()
     if not train_vision:
         frozen = {id(p) for p in visual_module(model).parameters()}
@@ -476,16 +478,15 @@ def trainable_parameters(model, exit_layer: int, train_vision: bool = False, tra
         # The token-embedding table (tied with the LM head) is what `pretrain` aligned the visual tokens with; Adam
         # steps on it from a noisy yes/no loss scramble that alignment within a few dozen steps, so it stays fixed.
         frozen.add(id(text_embeddings(model).weight))
-    # Layers at or after the exit never run in the student: leave them untouched.
-    params = [p for n, p in model.named_parameters() if id(p) not in frozen and not _after_exit(n, exit_layer)]
+    params = []
     for n, p in model.named_parameters():
-        p.requires_grad_(id(p) not in frozen and not _after_exit(n, exit_layer))
+        # Layers at or after the exit never run in the student: leave them untouched.
+        layer = lm_layer(n)
+        train = id(p) not in frozen and (layer is None or first_layer <= layer < exit_layer)
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
     return params
-
-
-def _after_exit(name: str, exit_layer: int) -> bool:
-    layer = lm_layer(name)
-    return layer is not None and layer >= exit_layer
 
 
 def build_parser() -> argparse.ArgumentParser:
