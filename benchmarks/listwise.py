@@ -309,7 +309,8 @@ def trained(args):
     pages = {p: Page(ds.image_path(p), id=p) for p in page_ids}
     dev = dict(device=args.device)
 
-    single_cfg = saved.config("single_pass").replace(**dev)
+    # a model trained for the cached layout only still runs ZipRerank's single pass (at its usual keep 0.5), untrained
+    single_cfg = (saved.configs.get("single_pass") or ListwiseConfig(mode="single_pass", keep_ratio=0.5)).replace(**dev)
     zip_half = ListwiseReranker.from_pretrained(ldir, single_cfg)
     model, processor, tmpl = zip_half.model, zip_half.processor, zip_half.template
     zip_full = ListwiseReranker(model, processor, single_cfg.replace(keep_ratio=1.0), template=tmpl, name=str(ldir))
@@ -360,7 +361,8 @@ def trained(args):
     dense_s = rows["point-wise dense teacher"]["seconds_per_query"]
     print(f"\n{args.split}: {n} queries over {len(pages)} pages; first stage top-{args.top_k} reranked "
           f"(first-stage recall@{args.top_k} = {recall_k:.3f}); threads {torch.get_num_threads()}, device {args.device}")
-    print(f"listwise: {ldir} (single pass prune_by={single_cfg.prune_by}; cached exit {cached.config.exit_layer}, "
+    trained_for = ", ".join(sorted(saved.configs))
+    print(f"listwise: {ldir}, trained for: {trained_for} (single pass prune_by={single_cfg.prune_by}; cached exit {cached.config.exit_layer}, "
           f"band {cached.config.band}, keep {cached.config.keep_ratio:g}); teacher: {tdir}")
     print(f"offline per page: embed {embed_s:.3f}s, mini prefill {prefill['mini']:.3f}s, "
           f"cached listwise prefill {prefill['cached listwise']:.3f}s")

@@ -289,7 +289,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     queries = read_queries(args.queries) if args.queries else None
     settings = {"exit_layer": args.exit, "band": tuple(args.band) if args.band else None, "keep_ratio": args.keep,
                 "query_positions": args.positions, "steps": args.steps, "holdout": args.holdout,
-                "candidates": args.candidates, "lr": args.lr, "label_weight": args.label_weight}
+                "candidates": args.candidates, "lr": args.lr, "label_weight": args.label_weight,
+                "listwise": args.listwise or None, "copy_weight": args.copy_weight, "attn_scale": args.attn_scale,
+                "readback_init": args.readback_init}
     result = tune(args.teacher, report.pages, args.out, queries=queries, embedder=args.embedder,
                   device=args.device or "auto", threads=args.threads, quiet=args.quiet or args.json,
                   show_progress=not args.quiet, **{k: v for k, v in settings.items() if v is not None})
@@ -417,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("-k", "--candidates", type=int, help="first-stage candidates per held-out query (default 10)")
     tn.add_argument("--lr", type=float, help="learning rate (default 3e-4)")
     tn.add_argument("--label-weight", type=float, help="weight of the label loss next to distillation (default 0.5)")
+    tn.add_argument("--listwise", action="store_true", help="train a cached listwise student (ListwiseReranker, label "
+                    "logits after \"[\") on the same pages and teacher scores instead of a point-wise one")
+    tn.add_argument("--copy-weight", type=float, help="--listwise: weight of the copy task (default 1.0)")
+    tn.add_argument("--attn-scale", type=float, help="--listwise: sharpen the trained layers' attention by this "
+                    "factor at the start (default 1.0)")
+    tn.add_argument("--readback-init", type=int, metavar="N", help="--listwise: write an analytic read-back head "
+                    "into the layer before the exit, fitted on N windows, before training (for a model without copy "
+                    "heads, like the toy; default 0: none)")
     tn.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, ...")
     tn.add_argument("--threads", type=int, help="torch CPU threads")
     tn.set_defaults(func=cmd_tune)

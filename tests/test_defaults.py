@@ -82,3 +82,41 @@ def test_shipped_pipeline_scores_the_sample_corpus_as_recorded(monkeypatch):
         res = mini.rerank(q["query"], cands)
         assert all(r.score == r.score for r in res)  # finite
         assert (res[0].page_id in q["relevant"]) == q["mini_top1"], q["query"]
+
+
+@pytest.mark.skipif(not (defaults.DEFAULT_LISTWISE_DIR / "model.safetensors").exists(), reason="no listwise asset")
+def test_shipped_listwise_model_is_the_default_and_ranks_first_stage_candidates(monkeypatch):
+    """The listwise student: the default of ListwiseReranker.from_pretrained() and mode="listwise", in the cached
+    layout and prompt it was trained in; below the band's end it is the point-wise student's weights (frozen while
+    it trained), and it ranks the first stage's candidates of the sample corpus."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from safetensors.torch import load_file
+
+    from minirerank_core import ListwiseReranker
+    from minirerank_core.retrieval import FirstStage
+    from minirerank_core.train.listwise import READBACK_TEMPLATE
+
+    lw = ListwiseReranker.from_pretrained()
+    assert lw.name == str(defaults.DEFAULT_LISTWISE_DIR)
+    c = lw.config
+    assert (c.mode, c.exit_layer, c.band, c.keep_ratio, c.prune_by) == ("cached", 8, (2, 5), 0.5, "maps")
+    assert lw.template == READBACK_TEMPLATE
+    student = load_file(str(defaults.DEFAULT_RERANKER_DIR / "model.safetensors"))
+    listwise = load_file(str(defaults.DEFAULT_LISTWISE_DIR / "model.safetensors"))
+    layer = lambda name: int(name.split("layers.")[1].split(".")[0]) if "language_model.layers." in name else None  # noqa: E731
+    frozen = [k for k in student if layer(k) is not None and layer(k) < 5]
+    same = lambda k: torch.allclose(student[k].float(), listwise[k].float(), rtol=1e-3, atol=1e-5)  # noqa: E731 (fp16)
+    assert frozen and all(same(k) for k in frozen)
+    assert any(not same(k) for k in student if layer(k) == 7)
+
+    from minirerank_core import Page
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    mini = MiniReranker.from_pretrained()
+    first_stage = FirstStage.from_pretrained(defaults.DEFAULT_EMBEDDER_DIR, reranker=mini)
+    first_stage.add([Page(p, id=p.stem) for p in defaults.sample_pages()])
+    q = defaults.sample_queries()[0]
+    cands = first_stage.candidates(q["query"], 10, mini)
+    res = lw.rerank(q["query"], cands)
+    assert sorted(r.page_id for r in res) == sorted(c.page_id for c in cands)
+    assert all(r.score == r.score for r in res) and len({round(r.score, 4) for r in res}) > 1

@@ -87,6 +87,8 @@ def export_listwise(src: Path, dst: Path, dtype: str = "float16", check_images: 
 
         pages = [Page(im, id=f"p{i}") for i, im in enumerate(check_images)]
         cfg = saved.config().replace(device="cpu", dtype="float32")
+        if cfg.mode == "cached":  # pruned by the first stage's maps, which plain images lack: compare unpruned
+            cfg = cfg.replace(keep_ratio=1.0)
         a = ListwiseReranker.from_pretrained(src, cfg).score(query, pages)
         b = ListwiseReranker.from_pretrained(dst, cfg).score(query, pages)
         out.update(max_abs_diff=max(abs(x - y) for x, y in zip(a, b)), max_logit=max(abs(x) for x in a))

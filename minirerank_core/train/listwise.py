@@ -28,10 +28,13 @@ resumed or extended run computes only the pairs it lacks. Training resumes from 
 step). The vision tower, the token embeddings (tied to the label head) stay frozen.
 
 Options for a student that has never had to read a label back (docs/DESIGN.md, listwise training):
---label / --label-after-page / --cached-label put each label after the point-wise question about its page;
---freeze-below keeps the layers below it as the init has them (at or above the cached band's end the page KV is
-the init's point-wise page cache, prefilled once per page); --copy-warmup / --copy-weight add the copy task
-(copy_loss); --distill-weight 0 runs no teacher; --windows-per-step accumulates several windows per step.
+--template readback (the default) puts each label after the point-wise question about its page and keeps label
+tokens out of the fixed text (--label / --label-after-page / --cached-label override parts); --freeze-below keeps
+the layers below it as the init has them (at or above the cached band's end the page KV is the init's point-wise
+page cache, prefilled once per page); --readback-init N writes an analytic read-back head into the cached layout's
+last layer (train/readback.py); --copy-warmup / --copy-weight add the copy task (copy_loss); --attn-scale sharpens
+the trained layers' attention; --pool N trains epochs over N fixed windows whose frozen layers run once;
+--distill-weight 0 runs no teacher; --windows-per-step accumulates several windows per step.
 
 Validation reranks each validation query's first-stage top --eval-candidates (the embedder's exact MaxSim over
 the split) with ListwiseReranker, the inference facade. OUT/final is a save_pretrained folder whose
@@ -59,7 +62,7 @@ from ..engine.prefill import prefill_pages, prefix_kv, tokenize
 from ..engine.prompt import DEFAULT_TEMPLATE, YesNoHead, label_token_id
 from ..engine.scorer import kept_rows
 from ..fileio import format_tag, read_json, write_json
-from ..rerankers.listwise.cached import cached_logits, cached_window
+from ..rerankers.listwise.cached import CachedWindow, cached_states, cached_window
 from ..rerankers.listwise.config import RANKGPT_LABELS, ListwiseConfig
 from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE, LabelHead, ListwiseTemplate, single_token_ids
 from ..rerankers.listwise.settings import listwise_settings, write_listwise_settings
@@ -69,11 +72,26 @@ from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at,
 from .data import DataSet
 from .listwise_losses import ranknet_loss, soft_ranking_loss
 from .metrics import summarize
-from .models import FrozenVisionCache, n_params, visual_module
+from .models import FrozenVisionCache, n_params, sharpen_attention, visual_module
 
 SCORES_FORMAT = format_tag("listwise-teacher-scores", 1)
-# The trained model's cached label segment: the label, then the point-wise teacher's own question about the page.
-TRAINED_CACHED_LABEL = "\n[{label}] Query: {query}\nDoes the page answer the query?"
+# The trained model's label segment: the point-wise question about the page (the page is judged there, as the
+# point-wise student judges it), then the label, so the label token carries the judgement.
+TRAINED_CACHED_LABEL = ("\nquery: {query}\ndoes the page answer the query?<|im_end|>\n<|im_start|>assistant\n"
+                        "{label}")
+# Its prompt: no token of the fixed text is a label token. RankGPT's wording ("Query", "Does", "Rank", "List", "I
+# will", ...) puts the single-letter tokens Q, D, R, L, I, ... of a small vocabulary into every window, 63 label
+# tokens for 20 labels, so "[" cannot copy "the label tokens" without also knowing where each one sits.
+READBACK_TEMPLATE = ListwiseTemplate(
+    prefix="<|im_start|>system\nyou rank pages by their relevance to a search query.<|im_end|>\n<|im_start|>user\n",
+    intro="here are {n} pages, each with an identifier. the search query: {query}\n",
+    label=TRAINED_CACHED_LABEL,
+    instruction="\nsearch query: {query}\nrank the {n} pages above by their relevance to the search query, the most "
+                "relevant first, as [] > [].<|im_end|>\n<|im_start|>assistant\n",
+    cached_label=TRAINED_CACHED_LABEL,
+    label_after_page=True,
+)
+TEMPLATES = {"rankgpt": DEFAULT_LISTWISE_TEMPLATE, "readback": READBACK_TEMPLATE}
 LAYOUTS = ("single_pass", "cached")
 
 
@@ -90,6 +108,17 @@ class LayerTap:
 
     def close(self) -> None:
         self.handle.remove()
+
+
+@dataclass
+class FrozenWindow:
+    """A cached-layout window and its query states entering layer `split` (None: from the embeddings, split 0)."""
+    window: CachedWindow
+    exit_layer: int
+    band: tuple[int, int]
+    split: int
+    hidden: torch.Tensor | None
+    labels: Sequence[str] | None = None
 
 
 @dataclass
@@ -156,23 +185,50 @@ class ListwiseScorer:
                page_ids: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> WindowOutput:
         """The cached layout; the page KV is prefilled here with gradients (the point-wise prefill), or read from
         `frozen_kv` by page id when the page side is frozen."""
+        window = self._cached_window(query, images, band, keep_ratio, importance, page_ids, labels)
+        return self._cached_run(FrozenWindow(window, exit_layer, band, 0, None, labels), tap_layer)
+
+    def cached_frozen(self, query: str, images: list, exit_layer: int, band: tuple[int, int], split: int,
+                      keep_ratio: float = 1.0, importance: list[torch.Tensor] | None = None,
+                      page_ids: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> FrozenWindow:
+        """The cached window run without gradients up to layer `split`, at or above the band's end (the layers
+        that see pages), so `cached_tail` can run the rest any number of times: with the layers below `split`
+        frozen, the same window gives the same states there every epoch."""
+        if not band[1] <= split <= exit_layer:
+            raise ValueError(f"the frozen split must lie in [{band[1]}, {exit_layer}] (band end .. exit), got {split}")
+        window = self._cached_window(query, images, band, keep_ratio, importance, page_ids, labels)
+        with torch.no_grad():
+            pk = prefix_kv(self.adapter, self.prefix_ids, split)
+            hidden = cached_states(self.adapter, pk, [window], range(split), band)
+        return FrozenWindow(window, exit_layer, band, split, hidden, labels)
+
+    def cached_tail(self, frozen: FrozenWindow, tap_layer: int | None = None) -> WindowOutput:
+        """The layers from `frozen.split` to the exit, with gradients (see cached_frozen)."""
+        return self._cached_run(frozen, tap_layer)
+
+    def _cached_window(self, query, images, band, keep_ratio, importance, page_ids, labels) -> CachedWindow:
         kvs = self._page_kvs(images, band, page_ids)
         imps = importance if importance is not None else [None] * len(kvs)
         rows = [kept_rows(kv, imp, keep_ratio) for kv, imp in zip(kvs, imps)]
-        window = cached_window(self.tok, self.template, labels or self.labels, self.answer_id, query, kvs, rows)
-        pk = prefix_kv(self.adapter, self.prefix_ids, exit_layer)
+        return cached_window(self.tok, self.template, labels or self.labels, self.answer_id, query, kvs, rows)
+
+    def _cached_run(self, f: FrozenWindow, tap_layer: int | None) -> WindowOutput:
+        pk = prefix_kv(self.adapter, self.prefix_ids, f.exit_layer)
         tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None  # after the prefills: query rows only
         try:
-            logits = cached_logits(self.adapter, pk, [window], exit_layer, band, self.head)[0]
+            hidden = cached_states(self.adapter, pk, [f.window], range(f.split, f.exit_layer), f.band, f.hidden)
         finally:
             if tap is not None:
                 tap.close()
-        logits = self._window_logits(logits, len(images), labels)
+        n = len(f.window.kvs)
+        logits = self._window_logits(self.head(self.adapter.norm(hidden[:, -1]))[0], n, f.labels)
         if tap is None:
             return WindowOutput(logits)
-        seg = window.query.seg
-        last = [int(torch.nonzero(seg == i)[-1]) for i in range(len(images))]
-        return WindowOutput(logits, tap.out[0, last], torch.arange(len(images)))
+        if tap.out is None:
+            raise ValueError(f"tap layer {tap_layer} is below the frozen split {f.split}")
+        seg = f.window.query.seg
+        last = [int(torch.nonzero(seg == i)[-1]) for i in range(n)]
+        return WindowOutput(logits, tap.out[0, last], torch.arange(n))
 
     def _window_logits(self, logits: torch.Tensor, n: int, labels: Sequence[str] | None) -> torch.Tensor:
         """The pages' scores (n,) in the default labelling; with explicit `labels`, every label's logit."""
@@ -370,10 +426,38 @@ def window_loss(scores: torch.Tensor, positive: int | None, teacher: Sequence[fl
     return loss, {"ranknet": float(rank.detach()), "soft": float(soft.detach())}
 
 
+def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], plans: Sequence[StepPlan],
+                    query_of: dict[str, dict], importance, ds: DataSet):
+    """Fit and install the read-back head (train/readback.py) in the cached layout's last layer, from the
+    current (init) states of these windows."""
+    from .readback import readback_init
+
+    (cfg,) = configs
+    frozen = []
+    for plan in plans:
+        q = query_of[plan.qid]
+        ids = [plan.pages[i] for i in plan.orders[0]]
+        imp = importance.maps(ds, ids, [q["query"]])[0] if cfg.keep_ratio < 1.0 else None
+        frozen.append(scorer.cached_frozen(q["query"], [ds.image(p) for p in ids], cfg.exit_layer, cfg.band,
+                                           cfg.exit_layer - 1, cfg.keep_ratio, imp, page_ids=ids))
+    return readback_init(scorer, frozen)
+
+
+def pool_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]:
+    """The pool windows of `step`: epochs of the pool, each in its own seeded order (a resumed run agrees)."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(k, pool)
+        order = list(range(pool))
+        random.Random(f"{seed}:pool:{epoch}").shuffle(order)
+        out.append(order[i])
+    return out
+
+
 def copy_window(positive: str, all_pages: Sequence[str], labels: Sequence[str], rng: random.Random
                 ) -> tuple[list[str], list[str]]:
     """The copy task's window: 1-3 pages (the query's positive half the time) under randomly drawn labels."""
-    n = rng.choice((1, 1, 2, 3))
+    n = min(rng.choice((1, 1, 2, 3)), len(set(all_pages)))
     pages = [positive] if rng.random() < 0.5 else []
     while len(pages) < n:
         p = rng.choice(all_pages)
@@ -387,8 +471,9 @@ def copy_loss(logits: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
 
     Why: "[" can only name the best page if it reads the label tokens back, and the ranking loss alone gives
     that circuit no gradient until it exists (attention that does not yet prefer the relevant label moves no
-    label's logit, and vice versa). On the toy student this loss is learnt in a few dozen steps; after it, the
-    ranking loss only has to make the attention prefer relevant labels."""
+    label's logit, and vice versa). After it, the ranking loss only has to make the attention prefer relevant
+    labels. On the toy student gradient descent did not find the copy circuit (train/readback.py says what
+    happened); --readback-init writes one down and this loss keeps it while the ranking loss trains."""
     target = torch.zeros_like(logits, dtype=torch.float32)
     target[list(present)] = 1.0 / len(present)
     return -(target * torch.log_softmax(logits.float(), -1)).sum()
@@ -491,7 +576,7 @@ def train(args) -> dict:
     processor = AutoProcessor.from_pretrained(str(args.init))
     n_layers = adapter_for(model).num_layers
     configs = configs_of(args, n_layers)
-    template = DEFAULT_LISTWISE_TEMPLATE
+    template = TEMPLATES[args.template]
     if args.cached_label:
         template = dataclasses.replace(template, cached_label=args.cached_label)
     if args.label:
@@ -513,13 +598,20 @@ def train(args) -> dict:
         write_json(mined_file, mined)
         log(event="mined", queries=len(mined), seconds=round(time.time() - t0, 1))
     all_pages = ds.page_ids("train")
+    query_of = {q["qid"]: q for q in train_q}
     curriculum = curriculum_of(args)
-    plans = []  # plans[step]: the step's windows (--windows-per-step of them)
     W = args.windows_per_step
-    for s in range(args.steps):
-        lo, hi, frac = curriculum.at(s, args.steps)
-        plans.append([plan_step(s * W + b, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs))
-                      for b in range(W)])
+    if args.pool:
+        # A fixed pool of windows, drawn at the curriculum's final sizes, visited in a new order every epoch.
+        lo, hi, frac = curriculum.at(args.steps - 1, args.steps)
+        pool = [plan_step(i, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs)) for i in range(args.pool)]
+        plans = [[pool[i] for i in pool_indices(step, W, args.pool, args.seed)] for step in range(args.steps)]
+    else:
+        plans = []  # plans[step]: the step's windows (--windows-per-step of them)
+        for s in range(args.steps):
+            lo, hi, frac = curriculum.at(s, args.steps)
+            plans.append([plan_step(s * W + b, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs))
+                          for b in range(W)])
 
     # Teacher scores of every pair the run needs, before training (a resumed run computes only what it lacks).
     # With --distill-weight 0 no teacher is run (RankNet on the labels alone).
@@ -546,13 +638,25 @@ def train(args) -> dict:
 
     if args.relevance_layer is None:
         exits = [c.exit_layer for c in configs if c.mode == "cached"] or [n_layers]
-        args.relevance_layer = max(0, exits[0] - 3)  # its output leaves two layers to compare the labels
+        # its output leaves two layers to compare the labels; never a frozen layer (nothing there to train)
+        args.relevance_layer = min(max(args.freeze_below, exits[0] - 3), exits[0] - 1)
     params = trainable_parameters(model, n_layers, train_vision=False, train_embeddings=False,
                                   first_layer=args.freeze_below)
     if args.freeze_below and all(c.mode != "cached" or args.freeze_below >= c.band[1] for c in configs):
         # The frozen layers cover every layer the page prefill runs (the cached band): the page KV is the init's own
         # point-wise page cache, computed once per page here, and at inference shared with a MiniReranker over the init.
         scorer.frozen_kv = {}
+    if (args.pool or args.readback_init) and (scorer.frozen_kv is None or any(c.mode != "cached" for c in configs)):
+        raise SystemExit("--pool and --readback-init need the cached layout alone and --freeze-below at or above its "
+                         "band's end")
+    fresh = not (out / "ckpt" / "state.json").exists()  # a resumed run's checkpoint (loaded below) has all of this
+    if args.attn_scale != 1.0 and fresh:
+        sharpen_attention(adapter_for(model), range(args.freeze_below, n_layers), args.attn_scale)
+    if args.readback_init and fresh:
+        fit = fit_readback_on(scorer, configs, [p for step_plans in plans for p in step_plans][: args.readback_init],
+                              query_of, importance, ds)
+        log(event="readback_init", layer=configs[0].exit_layer - 1, windows=args.readback_init,
+            probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     meta = load_checkpoint(out / "ckpt", model, opt)
     step = meta["step"] if meta else 0
@@ -572,13 +676,23 @@ def train(args) -> dict:
         return a0 + (a1 - a0) * step / max(1, args.steps - 1)
     bar = progress(args.steps, step, "listwise", args.quiet)
     t_last, stats = time.time(), []
-    query_of = {q["qid"]: q for q in train_q}
 
-    def run_window(cfg: ListwiseConfig, query: str, ids: list[str], **kw) -> WindowOutput:
+    frozen: dict[tuple, FrozenWindow] = {}  # --pool: each pooled window's states below the trained layers
+
+    def run_window(cfg: ListwiseConfig, query: str, ids: list[str], tap_layer: int | None = None,
+                   labels: list[str] | None = None) -> WindowOutput:
         """One window of these pages in `cfg`'s layout (with the embedder's maps when the cached layout prunes)."""
-        imp = importance.maps(ds, ids, [query])[0] if cfg.mode == "cached" and cfg.keep_ratio < 1.0 else None
+        key = (cfg.mode, query, tuple(ids), tuple(labels or ()))
         with autocast(device, amp):
-            return scorer.window(cfg, query, [ds.image(p) for p in ids], imp, page_ids=ids, **kw)
+            if key in frozen:
+                return scorer.cached_tail(frozen[key], tap_layer)
+            imp = importance.maps(ds, ids, [query])[0] if cfg.mode == "cached" and cfg.keep_ratio < 1.0 else None
+            images = [ds.image(p) for p in ids]
+            if not args.pool:
+                return scorer.window(cfg, query, images, imp, tap_layer=tap_layer, page_ids=ids, labels=labels)
+            frozen[key] = scorer.cached_frozen(query, images, cfg.exit_layer, cfg.band, args.freeze_below,
+                                               cfg.keep_ratio, imp, page_ids=ids, labels=labels)
+            return scorer.cached_tail(frozen[key], tap_layer)
 
     while step < args.steps:
         set_lr(opt, lr_at(step, args.steps, args.lr, args.warmup))
@@ -610,15 +724,16 @@ def train(args) -> dict:
                             len(plans[step]))
         copy_w = 1.0 if copy_only else args.copy_weight
         if copy_w > 0:
-            for b in range(args.windows_per_step):
-                rng = random.Random(f"{args.seed}:copy:{step}:{b}")
+            copy_ids = pool_indices(step, W, args.pool, args.seed) if args.pool else range(step * W, step * W + W)
+            for k in copy_ids:
+                rng = random.Random(f"{args.seed}:copy:{k}")
                 q = train_q[rng.randrange(len(train_q))]
                 ids, labels = copy_window(q["positive"], all_pages, scorer.labels, rng)
                 for cfg in configs:
                     loss = copy_loss(run_window(cfg, q["query"], ids, labels=labels).logits,
                                      [scorer.labels.index(x) for x in labels])
-                    (copy_w * weights[cfg.mode] * loss / args.windows_per_step).backward()
-                    _accumulate(parts, {f"{cfg.mode}_copy": float(loss.detach())}, args.windows_per_step)
+                    (copy_w * weights[cfg.mode] * loss / W).backward()
+                    _accumulate(parts, {f"{cfg.mode}_copy": float(loss.detach())}, W)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -642,6 +757,8 @@ def train(args) -> dict:
     processor.save_pretrained(final)
     trained = {"stage": "listwise", "steps": step, "teacher": str(args.teacher) if teacher is not None else None,
                "init": str(args.init), "freeze_below": args.freeze_below, "curriculum": asdict(curriculum),
+               "template": args.template, "readback_init": args.readback_init, "pool": args.pool,
+               "attn_scale": args.attn_scale, "copy_weight": args.copy_weight,
                "eval": f"val split, first-stage top {args.eval_candidates}, {len(val_q)} queries", **result}
     settings = listwise_settings([c.replace(device="auto", dtype="auto") for c in configs], template)
     write_listwise_settings(final, settings, training=trained)
@@ -683,18 +800,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--relevance-layer", type=int, default=None,
                     help="cached: the LM layer whose output the relevance loss reads (default: the third from the "
                          "exit, leaving two layers to compare the labels)")
-    ap.add_argument("--cached-label", default=TRAINED_CACHED_LABEL,
-                    help="cached layout: the label segment L_i of the trained template ({label}, {query}); '' keeps "
-                         "the template's plain label")
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default="readback",
+                    help="the prompt: readback (default; label after the point-wise question, no label token in the "
+                         "fixed text) or rankgpt (ZipRerank's RankGPT wording); --label / --cached-label override parts")
+    ap.add_argument("--cached-label", default=None,
+                    help="cached layout: the label segment L_i ({label}, {query}; default: the template's)")
     ap.add_argument("--freeze-below", type=int, default=0,
                     help="keep LM layers below this one as the init has them (0: train every layer); at or above the "
                          "cached band's end the page KV is the init's point-wise page cache, prefilled once per page")
     ap.add_argument("--label", default=None,
-                    help="single pass: the label segment L_i of the trained template ({label}, {query}; default: the "
-                         "template's '\\n[{label}] ')")
+                    help="single pass: the label segment L_i ({label}, {query}; default: the template's)")
     ap.add_argument("--label-after-page", action="store_true",
                     help="single pass: put each label segment after its page (see rerankers/listwise/prompt.py)")
     ap.add_argument("--windows-per-step", type=int, default=1, help="windows whose gradients make one optimizer step")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="train on a fixed pool of this many windows (and as many copy windows), epoch after epoch: "
+                         "each window's layers below --freeze-below run once (cached layout only; 0: new windows "
+                         "every step)")
+    ap.add_argument("--readback-init", type=int, default=0, metavar="N",
+                    help="set the cached layout's last layer to an analytic read-back head fitted on the init's states "
+                         "of the first N training windows (train/readback.py), then train (cached layout only)")
+    ap.add_argument("--attn-scale", type=float, default=1.0,
+                    help="multiply the attention logits of the trained layers (those from --freeze-below up) by "
+                         "this at the start: a sharper attention lets the copy task find the label it reads")
     ap.add_argument("--copy-weight", type=float, default=0.0,
                     help="weight of the copy task (name the labels present in a 1-3 page window; see copy_loss)")
     ap.add_argument("--copy-warmup", type=int, default=0,

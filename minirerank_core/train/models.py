@@ -258,3 +258,18 @@ def residual_identity_init(model, proj: torch.nn.Linear | None = None) -> None:
             proj.weight[:n, :n] = torch.eye(n)
             if proj.bias is not None:
                 proj.bias.zero_()
+
+
+@torch.no_grad()
+def sharpen_attention(adapter, layers: range, scale: float) -> None:
+    """Multiply the attention logits of these LM layers by `scale` (a lower softmax temperature) by scaling the
+    queries: the q-norm weight where the family normalises queries (Qwen3-VL), else the q projection. The model
+    stays a plain checkpoint of its family (no new parameter, nothing to undo at load time)."""
+    for l in layers:
+        attn = adapter.layers[l].self_attn
+        if getattr(attn, "q_norm", None) is not None:
+            attn.q_norm.weight.mul_(scale)
+        else:
+            attn.q_proj.weight.mul_(scale)
+            if attn.q_proj.bias is not None:
+                attn.q_proj.bias.mul_(scale)

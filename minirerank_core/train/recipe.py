@@ -30,9 +30,10 @@ TEACHER_PHASES = (
 )
 TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "20", "--guide-layers", "2", "3", "4",
            "--guide-weight", "1.0", "--eval-queries", "80"]
-# The listwise student (train.listwise) starts from the teacher and distils it in both listwise layouts: ZipRerank's
-# single pass at the QI-EI keep ratio it ships with, and the cached vision-first layout (every layer, no pruning).
-LISTWISE = dict(steps=600, keep_ratio=0.5, window=20, min_window=12, lr=5e-4)
+# The listwise student (train.listwise): the point-wise student in the cached listwise layout (exit 8, the student's
+# band, keep 0.5 by the embedder's maps), its last layer set to the analytic read-back head, then that layer trained
+# with RankNet + the copy task on a pool of 1,000 windows (the layers below it frozen: docs/DESIGN.md).
+LISTWISE = dict(steps=250, pool=1000, readback_init=60, freeze_below=7, window=20, min_window=4, lr=1e-3)
 
 
 def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | None, list[str]]]:
@@ -66,11 +67,16 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--hard", "3", "--extra-queries", "2", "--lr", "3e-4", "--warmup", s(10, 1)]
          + (["--eval-queries", "8"] if smoke else [])),
         ("listwise", run / "listwise", None,
-         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "teacher" / "final"),
+         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "student" / "final"),
           "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
-          "--out", str(run / "listwise"), "--steps", s(LISTWISE["steps"], 3), "--keep-ratio", str(LISTWISE["keep_ratio"]),
-          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3), "--lr", str(LISTWISE["lr"]),
-          "--warmup", s(20, 1)] + (["--eval-queries", "4"] if smoke else ["--eval-every", "200"])),
+          "--out", str(run / "listwise"), "--layouts", "cached", "--cached-exit-layer", "8",
+          "--cached-band", *map(str, STUDENT["band"]), "--cached-keep-ratio", str(STUDENT["keep_ratio"]),
+          "--template", "readback", "--readback-init", s(LISTWISE["readback_init"], 2),
+          "--freeze-below", str(LISTWISE["freeze_below"]), "--distill-weight", "0", "--pool", s(LISTWISE["pool"], 3),
+          "--windows-per-step", s(8, 2), "--copy-weight", "0.5", "--steps", s(LISTWISE["steps"], 3),
+          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3),
+          "--lr", str(LISTWISE["lr"]), "--warmup", s(10, 1)]
+         + (["--eval-queries", "4"] if smoke else ["--eval-every", "50", "--eval-queries", "30"])),
     ]
 
 

@@ -87,6 +87,11 @@ class TuneSettings:
     seed: int = 0
     ckpt_every: int = 20
     log_every: int = 10
+    # listwise=True: a cached listwise (ZipRerank-style) student instead of the point-wise one (`_train_listwise`)
+    listwise: bool = False
+    copy_weight: float = 1.0  # listwise: weight of the copy task next to the ranking loss
+    attn_scale: float = 1.0  # listwise: attention sharpening of the trained layers (1: none)
+    readback_init: int = 0  # listwise: fit an analytic read-back head on this many windows first (0: none)
 
     def check(self) -> TuneSettings:
         check_choice("query_positions", self.query_positions, ("exact", "shared"))
@@ -94,11 +99,15 @@ class TuneSettings:
         check_ratio("holdout", self.holdout)
         for name in ("steps", "groups", "candidates", "ckpt_every", "log_every"):
             check_positive_int(name, getattr(self, name))
-        for name in ("hard", "extra_queries", "warmup"):
+        for name in ("hard", "extra_queries", "warmup", "readback_init"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.keep_ratio <= 0:
             raise ConfigError(f"keep_ratio must be > 0, got {self.keep_ratio!r}")
+        if not isinstance(self.copy_weight, (int, float)) or self.copy_weight < 0:
+            raise ConfigError(f"copy_weight must be a number >= 0, got {self.copy_weight!r}")
+        if not isinstance(self.attn_scale, (int, float)) or self.attn_scale <= 0:
+            raise ConfigError(f"attn_scale must be a number > 0, got {self.attn_scale!r}")
         return replace(self, band=tuple(self.band) if self.band is not None else None)
 
     def config(self, num_layers: int, tokenizer, template: PromptTemplate, max_visual_tokens: int) -> RerankConfig:
@@ -387,6 +396,7 @@ class TuneReport:
     heldout: HeldOut | None
     teacher_pairs_scored: int  # by this run (0 when every pair came from OUT/run/teacher_scores.json)
     seconds: float
+    kind: str = "pointwise"  # or "listwise" (a ListwiseReranker folder, cached layout)
 
     def setting(self) -> str:
         c = self.config
@@ -394,7 +404,7 @@ class TuneReport:
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
-        return {"out": str(self.out), "teacher": self.teacher, "teacher_prompt": self.teacher_prompt,
+        return {"out": str(self.out), "kind": self.kind, "teacher": self.teacher, "teacher_prompt": self.teacher_prompt,
                 "embedder": self.embedder, "setting": {"exit_layer": c.exit_layer, "band": list(c.band),
                                                        "keep_ratio": c.keep_ratio, "query_positions": c.query_positions},
                 "steps": self.steps, "train_queries": self.n_train_queries,
@@ -405,6 +415,7 @@ class TuneReport:
         lines = [f"student: {self.setting()}; {self.steps} steps on {self.n_train_queries} queries "
                  f"(teacher {self.teacher}, {self.teacher_prompt})"]
         h = self.heldout
+        student = "student (listwise, cached pages)" if self.kind == "listwise" else "student (mini, cached pages)"
         if h is None:
             lines.append("no held-out queries (holdout=0): no report")
         else:
@@ -413,12 +424,13 @@ class TuneReport:
             lines += [head, "-" * len(head),
                       f"{'teacher (dense forward)':34s} {f(h.teacher_ndcg5):>7s} {1.0:12.4f} {1.0:11.3f} "
                       f"{f(h.teacher_seconds_per_query):>9s} {1.0:8.4f}",
-                      f"{'student (mini, cached pages)':34s} {f(h.student_ndcg5):>7s} {h.agreement_ndcg5:12.4f} "
+                      f"{student:34s} {f(h.student_ndcg5):>7s} {h.agreement_ndcg5:12.4f} "
                       f"{h.agreement_top1:11.3f} {f(h.student_seconds_per_query):>9s} {f(h.time_ratio):>8s}",
                       f"{h.n_queries} queries on {h.n_pages} unseen pages, {h.candidates_per_query:g} first-stage "
                       f"candidates each (first-stage recall {f(h.first_stage_recall, 3)}); "
                       f"retention {f(h.retention, 3)} of the teacher's nDCG@5"]
-        lines.append(f"saved to {self.out} (MiniReranker.from_pretrained({str(self.out)!r}))")
+        cls = "ListwiseReranker" if self.kind == "listwise" else "MiniReranker"
+        lines.append(f"saved to {self.out} ({cls}.from_pretrained({str(self.out)!r}))")
         return "\n".join(lines)
 
 
@@ -449,7 +461,8 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
     to `out` (resumable: OUT/run/); see the module docstring."""
     from ..engine.devices import resolve_device
     from ..pages import as_pages, ingest
-    from ..rerankers import MiniReranker
+    from ..rerankers import ListwiseReranker, MiniReranker
+    from ..rerankers.listwise.settings import listwise_settings, write_listwise_settings
     from ..rerankers.loading import load_checkpoint
     from ..rerankers.page_side import num_layers
     from ..retrieval import FirstStage, PageIndex
@@ -499,9 +512,12 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
                 "seed": opts.seed, "groups": opts.groups, "hard": opts.hard, "extra_queries": opts.extra_queries,
                 "queries": hashlib.sha256(json.dumps([asdict(q) for q in queries]).encode()).hexdigest(),
                 "pages": hashlib.sha256(json.dumps(sorted(by_id)).encode()).hexdigest()}
+    if opts.listwise:
+        manifest["listwise"] = {"copy_weight": opts.copy_weight, "attn_scale": opts.attn_scale,
+                                "readback_init": opts.readback_init}
     if (run / "tune.json").exists():
         before = read_json(run / "tune.json", format=RUN_FORMAT)
-        changed = sorted(k for k in manifest if before.get(k) != manifest[k])
+        changed = sorted(k for k in {*manifest, "listwise"} if before.get(k) != manifest.get(k))
         if changed:
             raise ConfigError(f"{run} belongs to a run with other {', '.join(changed)}: use another output directory")
     write_json(run / "tune.json", manifest, format=RUN_FORMAT)
@@ -557,14 +573,7 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
     scored = scores.fill(ckpt, pairs, by_id, device=dev, amp=amp_dtype, show_progress=show_progress)
     log(event="teacher_scores", scored=scored, known=len(scores), seconds_per_pair=scores.seconds_per_pair)
 
-    # Training.
-    model.train()
-    scorer = PairScorer(model, processor, cfg, template)
-    params = trainable_parameters(model, cfg.exit_layer)
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)
-    state = load_training_state(run / "ckpt", model, opt)
-    step = state["step"] if state else 0
-    log(event="train", step=step, steps=opts.steps, trainable=sum(p.numel() for p in params))
+    # First-stage maps of (query, page) pairs, from the index's page embeddings (query embeddings memoised).
     q_embs: dict[str, torch.Tensor] = {}
     page_embs: dict[str, Any] = {}
 
@@ -580,6 +589,58 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
         return [[query_importance(q_embs[t], page_embs[p], rr.visual_grid(by_id[p])).flat() for p in page_ids]
                 for t in texts]
 
+    # Training.
+    model.train()
+    if opts.listwise:
+        step, lw_template, lw_config = _train_listwise(model, processor, cfg, opts, batches, scores, by_id, maps, run,
+                                                        dev, amp_dtype, log, show_progress)
+    else:
+        step = _train_pointwise(model, processor, cfg, template, opts, batches, scores, by_id, maps, run, dev,
+                                amp_dtype, log, show_progress)
+    model.eval()
+    if vision_cache is not None:
+        vision_cache.close()
+
+    # The student folder, then the held-out report measured in the setting it was saved with (on a GPU: bf16).
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    saved = cfg.replace(dtype="auto", device="auto")  # the loading machine's own device and precision
+    heldout = None
+    if held_q:
+        if opts.listwise:
+            student = ListwiseReranker(model, processor, lw_config.replace(device=str(dev), dtype="float32"),
+                                       template=lw_template)
+        else:
+            student = MiniReranker(model, processor, saved.replace(device=str(dev)), template=template)
+        heldout = evaluate_heldout(student, first_stage, by_id, held_q, mined["heldout"], scores,
+                                   n_pages=len(held_pages), show_progress=show_progress)
+        write_json(run / "heldout.json", {**heldout.summary(), "per_query": heldout.per_query},
+                   format=format_tag("tune-heldout", 1))
+        log(event="heldout", **heldout.summary())
+    training = {"by": "minirerank tune", "teacher": ckpt.name, "teacher_prompt": "vision-first" if ckpt.vision_first
+                else "query-first", "steps": step, "train_queries": len(train_q), "label_weight": opts.label_weight,
+                "lr": opts.lr, "heldout": heldout.summary() if heldout else None}
+    if opts.listwise:
+        training.update(kind="listwise", frozen_below=cfg.band[1], copy_weight=opts.copy_weight,
+                        attn_scale=opts.attn_scale)
+        write_listwise_settings(out, listwise_settings([lw_config.replace(dtype="auto", device="auto")], lw_template),
+                                embedder=embedder, training=training)
+    else:
+        write_settings(out, saved, template, max_visual_tokens=mvt, embedder=embedder, training=training)
+    return TuneReport(out, saved, template, ckpt.name, training["teacher_prompt"], embedder, step, len(train_q),
+                      heldout, scored, time.time() - t_start, kind="listwise" if opts.listwise else "pointwise")
+
+
+def _train_pointwise(model, processor, cfg: RerankConfig, template: PromptTemplate, opts: TuneSettings,
+                     batches: Batches, scores: TeacherScores, by_id: Mapping[str, Page], maps, run: Path,
+                     dev: torch.device, amp_dtype, log, show_progress: bool) -> int:
+    """The point-wise student's loop (the recipe's losses through the engine's cached path); returns the step."""
+    scorer = PairScorer(model, processor, cfg, template)
+    params = trainable_parameters(model, cfg.exit_layer)
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)
+    state = load_training_state(run / "ckpt", model, opt)
+    step = state["step"] if state else 0
+    log(event="train", step=step, steps=opts.steps, trainable=sum(p.numel() for p in params))
     bar = progress(opts.steps, step, "tune", not show_progress)
     t_last = time.time()
     while step < opts.steps:
@@ -604,28 +665,95 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
         if step % opts.ckpt_every == 0 or step == opts.steps:
             save_checkpoint(run / "ckpt", model, opt, step)
     bar.close()
-    model.eval()
-    if vision_cache is not None:
-        vision_cache.close()
+    return step
 
-    # The student folder, then the held-out report measured in the setting it was saved with (on a GPU: bf16).
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    saved = cfg.replace(dtype="auto", device="auto")  # the loading machine's own device and precision
-    heldout = None
-    if held_q:
-        student = MiniReranker(model, processor, saved.replace(device=str(dev)), template=template)
-        heldout = evaluate_heldout(student, first_stage, by_id, held_q, mined["heldout"], scores,
-                                   n_pages=len(held_pages), show_progress=show_progress)
-        write_json(run / "heldout.json", {**heldout.summary(), "per_query": heldout.per_query},
-                   format=format_tag("tune-heldout", 1))
-        log(event="heldout", **heldout.summary())
-    training = {"by": "minirerank tune", "teacher": ckpt.name, "teacher_prompt": "vision-first" if ckpt.vision_first
-                else "query-first", "steps": step, "train_queries": len(train_q), "label_weight": opts.label_weight,
-                "lr": opts.lr, "heldout": heldout.summary() if heldout else None}
-    write_settings(out, saved, template, max_visual_tokens=mvt, embedder=embedder, training=training)
-    return TuneReport(out, saved, template, ckpt.name, training["teacher_prompt"], embedder, step, len(train_q),
-                      heldout, scored, time.time() - t_start)
+
+def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, batches: Batches, scores: TeacherScores,
+                    by_id: Mapping[str, Page], maps, run: Path, dev: torch.device, amp_dtype, log, show_progress: bool):
+    """A cached listwise student on the same batches: for each query of a batch, one window of the batch's pages
+    (its source page among them, at most 20, in a seeded random order), scored by the label logits after "["
+    and trained with the listwise stage's window loss (RankNet on the source page + soft-ranking distillation of
+    the teacher's scores) plus the copy task. The layers below the band's end stay the teacher's, so each page's
+    band KV is the teacher's page cache, prefilled once; the layers from there to the exit learn to compare the
+    labels. Returns (step, template, ListwiseConfig)."""
+    from ..engine.families import adapter_for
+    from ..rerankers.listwise import ListwiseConfig
+    from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE
+    from .listwise import TRAINED_CACHED_LABEL, ListwiseScorer, copy_loss, copy_window, window_loss
+    from .models import sharpen_attention
+    from .readback import readback_init
+
+    template = replace(DEFAULT_LISTWISE_TEMPLATE, cached_label=TRAINED_CACHED_LABEL)
+    lcfg = ListwiseConfig(mode="cached", exit_layer=cfg.exit_layer, band=tuple(cfg.band), keep_ratio=cfg.keep_ratio,
+                          dtype="float32", device=str(dev))
+    scorer = ListwiseScorer(model, processor, template)
+    scorer.frozen_kv = {}  # the frozen page side: the teacher's band KV, once per page
+    n_max = len(lcfg.labels)
+    params = trainable_parameters(model, cfg.exit_layer, first_layer=cfg.band[1])
+    fresh = not (run / "ckpt" / "state.json").exists()  # a resumed run's checkpoint already holds what follows
+    if opts.attn_scale != 1.0 and fresh:
+        sharpen_attention(adapter_for(model), range(cfg.band[1], cfg.exit_layer), opts.attn_scale)
+    if opts.readback_init and fresh:
+        frozen = []
+        for step in range(opts.steps):
+            page_ids, qs = batches(step)
+            for q in qs:
+                ids = page_ids[:n_max]
+                imp = maps([q["query"]], ids)[0] if cfg.keep_ratio < 1.0 else None
+                frozen.append(scorer.cached_frozen(q["query"], [by_id[p].image() for p in ids], cfg.exit_layer,
+                                                   tuple(cfg.band), cfg.exit_layer - 1, cfg.keep_ratio, imp, page_ids=ids))
+            if len(frozen) >= opts.readback_init:
+                break
+        fit = readback_init(scorer, frozen[: opts.readback_init])
+        log(event="readback_init", layer=cfg.exit_layer - 1, windows=len(frozen[: opts.readback_init]),
+            probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)
+    state = load_training_state(run / "ckpt", model, opt)
+    step = state["step"] if state else 0
+    log(event="train", kind="listwise", step=step, steps=opts.steps, trainable=sum(p.numel() for p in params))
+    bar = progress(opts.steps, step, "tune --listwise", not show_progress)
+    t_last = time.time()
+
+    def window(query: str, ids: list[str], labels: list[str] | None = None) -> torch.Tensor:
+        imp = maps([query], ids)[0] if cfg.keep_ratio < 1.0 else None
+        with autocast(dev, amp_dtype):
+            return scorer.cached(query, [by_id[p].image() for p in ids], cfg.exit_layer, tuple(cfg.band),
+                                 cfg.keep_ratio, imp, page_ids=ids, labels=labels).logits
+
+    while step < opts.steps:
+        page_ids, qs = batches(step)
+        set_lr(opt, lr_at(step, opts.steps, opts.lr, opts.warmup))
+        opt.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for k, q in enumerate(qs):
+            rng = random.Random(f"{opts.seed}:listwise:{step}:{k}")
+            others = [p for p in page_ids if p != q["positive"]]
+            rng.shuffle(others)
+            ids = [q["positive"]] + others[: n_max - 1]
+            rng.shuffle(ids)
+            pos = ids.index(q["positive"]) if q["labelled"] else None
+            loss, lp = window_loss(window(q["query"], ids), pos, [scores[q["query"], p] for p in ids])
+            total = loss
+            if opts.copy_weight > 0:
+                c_ids, c_labels = copy_window(q["positive"], page_ids, scorer.labels, rng)
+                c = copy_loss(window(q["query"], c_ids, c_labels), [scorer.labels.index(x) for x in c_labels])
+                total = total + opts.copy_weight * c
+                lp["copy"] = float(c.detach())
+            (total / len(qs)).backward()
+            for name, v in {"loss": float(loss.detach()), **lp}.items():
+                parts[name] = parts.get(name, 0.0) + v / len(qs)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % opts.log_every == 0 or step == opts.steps:
+            log(step=step, pages=len(page_ids), queries=len(qs), sec_per_step=(time.time() - t_last) / opts.log_every,
+                **parts)
+            t_last = time.time()
+        if step % opts.ckpt_every == 0 or step == opts.steps:
+            save_checkpoint(run / "ckpt", model, opt, step)
+    bar.close()
+    return step, template, lcfg
 
 
 def _name(path_or_id: str | os.PathLike[str]) -> str:

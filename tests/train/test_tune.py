@@ -331,3 +331,50 @@ def test_default_embedder_is_the_shipped_one_only_for_its_vision_tower(files):
     assert default_embedder(AutoConfig.from_pretrained(DEFAULT_RERANKER_DIR)) == str(DEFAULT_EMBEDDER_DIR)
     with pytest.raises(ConfigError, match="--embedder"):
         default_embedder(AutoConfig.from_pretrained(files["vision_first"]))
+
+
+def test_listwise_student_through_the_cli(files, tmp_path, capsys):
+    """`tune --listwise`: a cached listwise student on the same pages and teacher scores; the layers below the
+    band's end stay the teacher's (the page cache is the teacher's), the rest trains; the folder reloads as a
+    ListwiseReranker in the setting it was trained in, and ranks through the CLI."""
+    from minirerank_core.cli import main
+    from minirerank_core.rerankers.listwise import ListwiseReranker
+    from minirerank_core.train.listwise import TRAINED_CACHED_LABEL
+
+    out = tmp_path / "listwise"
+    args = ["tune", "--teacher", str(files["vision_first"]), "--pages", str(files["pdf"]), "--out", str(out),
+            "--embedder", str(files["embedder"]), "--exit", "4", "--band", "1", "3", "--keep", "0.5", "--steps", "3",
+            "--holdout", "0.25", "--candidates", "4", "--lr", "1e-3", "--listwise", "--attn-scale", "2", "--readback-init", "4", "--json", "-q"]
+    assert main(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["kind"] == "listwise" and payload["steps"] == 3
+    h = payload["heldout"]
+    assert h["queries"] >= 1 and 0.0 <= h["agreement_ndcg5"] <= 1.0 and h["time_ratio"] > 0
+    events = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
+    (fit,) = [e for e in events if e.get("event") == "readback_init"]
+    assert fit["layer"] == 3 and fit["windows"] == 4 and fit["probe_labels"] > abs(fit["probe_others"])
+    steps = [e for e in events if "loss" in e]
+    assert steps[-1]["step"] == 3 and all(e["copy"] > 0 and e["ranknet"] >= 0 and e["soft"] >= 0 for e in steps)
+
+    student = ListwiseReranker.from_pretrained(out)
+    c = student.config
+    assert (c.mode, c.exit_layer, c.band, c.keep_ratio) == ("cached", 4, (1, 3), 0.5)
+    assert student.template.cached_label == TRAINED_CACHED_LABEL
+    a, teacher = load_file(out / "model.safetensors"), load_file(files["vision_first"] / "model.safetensors")
+
+    def layer(weights, i, name="self_attn.q_proj.weight"):
+        (key,) = [k for k in weights if k.endswith(f"layers.{i}.{name}")]
+        return weights[key]
+
+    assert torch.equal(layer(a, 2), layer(teacher, 2))  # below the band's end: the teacher's
+    assert not torch.equal(layer(a, 3), layer(teacher, 3))  # the compare layers trained
+    # layer 3 (before the exit) holds the read-back head: its MLP was switched off, 3 small steps since
+    assert float(layer(a, 3, "mlp.down_proj.weight").abs().max()) < 0.05 < float(layer(teacher, 3, "mlp.down_proj.weight").abs().max())
+
+    assert main(["rerank", "garden tomatoes", str(files["pdf"]), "--model", str(out), "--listwise", "--embedder",
+                 str(files["embedder"]), "--json", "-q"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == len(TOPICS)
+    # A point-wise run into the listwise run's directory is refused.
+    with pytest.raises(ConfigError, match="other listwise"):
+        tune(files["vision_first"], [files["pdf"]], out, embedder=files["embedder"], exit_layer=4, band=(1, 3),
+             keep_ratio=0.5, steps=3, holdout=0.25, candidates=4, lr=1e-3)

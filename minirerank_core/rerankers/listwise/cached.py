@@ -71,6 +71,22 @@ def cached_logits(
     head: LabelHead,
 ) -> torch.Tensor:
     """Label logits (B, n_labels) of each window. Windows are batched: Q left-padded, page rows right-padded."""
+    return head(adapter.norm(cached_states(adapter, prefix, windows, range(exit_layer), band)[:, -1]))
+
+
+def cached_states(
+    adapter: FamilyAdapter,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]],
+    windows: list[CachedWindow],
+    layers: range,
+    band: tuple[int, int],
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Q's hidden states (B, Tq, H) after `layers`, from the token embeddings or, for layers starting above 0, from
+    `hidden` (the states entering layers.start, as an earlier call returned them for the same windows). Training
+    splits a window at a frozen layer this way: the frozen part runs once, the trained part every epoch."""
+    if (hidden is None) != (layers.start == 0):
+        raise ValueError("pass the entering hidden states exactly when the layers start above 0")
     device, dtype = adapter.device, adapter.dtype
 
     B, P = len(windows), prefix[0][0].shape[2]
@@ -102,9 +118,10 @@ def cached_logits(
     mask_in = additive_mask(torch.cat([see_p, see_v, see_q], 2), dtype)
     mask_out = additive_mask(torch.cat([see_p, see_q], 2), dtype)
 
-    cache = prefix_past(prefix, B, range(exit_layer), band, band_k, band_v)
-    hidden = adapter.embed(ids)
+    cache = prefix_past(prefix, B, layers, band, band_k, band_v)
+    if hidden is None:
+        hidden = adapter.embed(ids)
     cos_sin = adapter.rotary(hidden, positions)
-    for l in range(exit_layer):
+    for l in layers:
         hidden = run_layers(adapter, hidden, cos_sin, mask_in if band[0] <= l < band[1] else mask_out, range(l, l + 1), cache)
-    return head(adapter.norm(hidden[:, -1]))
+    return hidden

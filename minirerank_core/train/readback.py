@@ -1,0 +1,135 @@
+"""An analytic read-back head: set the last LM layer so that the answer token "[" copies the label tokens back.
+
+Why: a label logit at "[" needs "[" to attend to the label tokens and copy each one's identity into its own
+logits. A pretrained MLLM has copy (induction) heads for this; the toy LM, pretrained on page text alone, has none,
+and neither the ranking loss nor the copy task (`listwise.copy_loss`) grows one on this CPU: the copy task was
+memorised on a fixed pool of windows (train loss 2.4) while fresh windows stayed at chance (3.3 > log 20). The
+circuit is simple enough to write down from the init's own states:
+
+    keys     one key dimension is a linear probe "this is a label token" (ridge regression on the states entering the
+             layer, label rows 1, every other query row 0); the other key dimensions hold a random projection of
+             the state as ballast, so that the key norm (q/k RMSNorm) does not blow a small probe value up
+    query    "[" (a fixed text, nearly the same state in every window) gets a query along that key dimension
+    values   value and output projections together map a label token's state to the direction that raises that
+             label's logit through the final norm and the tied head (ridge regression, truncated to the head size)
+    rest     the other query heads read the same keys and values (one KV head), so all heads are the copy head;
+             the layer's MLP is switched off, so the layer only copies
+
+The probe dimension is the RoPE pair that rotates slowest (head_dim/2 - 1 and head_dim - 1 under rotate_half),
+so the score hardly depends on how far a label sits from "[". On the toy student this alone names a present label
+in 95 % of fresh copy windows (copy loss 1.3 against 3.0 for uniform logits); it weights the labels about evenly,
+so ranking them by relevance is left to training (the listwise stage's --readback-init).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ReadbackFit:
+    """What install_readback needs, fitted on states entering the read-back layer."""
+
+    probe: torch.Tensor  # (H,) label-token probe over the layer's normed input
+    answer: torch.Tensor  # (H,) mean normed input state of "["
+    copy: torch.Tensor  # (H, H) normed label state -> direction that raises its label's logit (unit-norm targets)
+    state_norm: float  # mean norm of the residual state at "[" (the copy is scaled against it)
+    input_norm: float  # mean norm of the normed input rows (the ballast is scaled against it)
+    copy_norm: float  # mean norm of copy @ x over the label rows
+    probe_labels: float  # mean probe value on label rows (about 1)
+    probe_others: float  # and on every other row (about 0)
+
+
+def readback_states(adapter, layer: int, hidden: torch.Tensor, seg: torch.Tensor, n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached window's normed input to `layer` (T, H) and its label rows (the last token of each label
+    segment). `hidden`: the query states entering `layer` (1, T, H), as ListwiseScorer.cached_frozen returns."""
+    with torch.no_grad():
+        x = adapter.layers[layer].input_layernorm(hidden[0]).float()
+    rows = torch.tensor([int(torch.nonzero(seg == i)[-1]) for i in range(n)])
+    return x, rows
+
+
+def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor]],
+                 embeddings: torch.Tensor, final_norm: torch.Tensor, ridge: float = 1.0) -> ReadbackFit:
+    """Fit the probe and the copy map. windows: (normed states (T, H), label rows, their label token ids, the
+    residual state at "[" (H,)) per window; embeddings: the (tied) token embedding table; final_norm: the final
+    RMSNorm's weight."""
+    xs = torch.cat([w[0] for w in windows])
+    is_label = torch.cat([torch.zeros(len(w[0])).index_fill_(0, w[1], 1.0) for w in windows])
+    eye = torch.eye(xs.shape[1])
+    probe = torch.linalg.solve(xs.T @ xs + ridge * eye, xs.T @ is_label)
+    xl = torch.cat([w[0][w[1]] for w in windows])
+    targets = embeddings[torch.cat([torch.as_tensor(list(w[2])) for w in windows])].float() * final_norm.float()
+    targets = targets / targets.norm(dim=1, keepdim=True)
+    copy = (targets.T @ xl) @ torch.linalg.inv(xl.T @ xl + ridge * eye)
+    values = xs @ probe
+    return ReadbackFit(probe, torch.stack([w[0][-1] for w in windows]).mean(0), copy,
+                       float(torch.stack([w[3] for w in windows]).float().norm(dim=1).mean()),
+                       float(xs.norm(dim=1).mean()), float((xl @ copy.T).norm(dim=1).mean()),
+                       float(values[is_label == 1].mean()), float(values[is_label == 0].mean()))
+
+
+def readback_init(scorer, frozen: Sequence) -> ReadbackFit:
+    """Fit on these cached windows (`ListwiseScorer.cached_frozen` results, all split at the read-back layer,
+    the last one before the exit) and install the head there. Returns the fit (its probe statistics say how
+    cleanly the label tokens separate)."""
+    layer = frozen[0].split
+    if any(f.split != layer or f.exit_layer != layer + 1 for f in frozen):
+        raise ValueError("fit the read-back head on windows split at the layer before the exit")
+    windows = []
+    for f in frozen:
+        n = len(f.window.kvs)
+        x, rows = readback_states(scorer.adapter, layer, f.hidden, f.window.query.seg, n)
+        windows.append((x, rows, scorer.head.ids[:n], f.hidden[0, -1]))
+    fit = fit_readback(windows, scorer.model.get_input_embeddings().weight.detach(),
+                       scorer.adapter.norm.weight.detach())
+    install_readback(scorer.adapter, layer, fit)
+    return fit
+
+
+@torch.no_grad()
+def install_readback(adapter, layer: int, fit: ReadbackFit, *, probe_scale: float = 3.0, sharpness: float = 11.0,
+                     copy_scale: float = 3.0, seed: int = 0) -> None:
+    """Overwrite `layer`'s attention with the read-back head and switch its MLP off (see the module docstring).
+    probe_scale: the probe's weight against the ballast (norm 1); sharpness: the attention logit of a label row
+    (others ~0; set through the q/k-norm gains); copy_scale: a copied label's norm, in units of the residual norm
+    at "["."""
+    block = adapter.layers[layer]
+    attn = block.self_attn
+    hidden = fit.probe.numel()
+    head_dim = attn.head_dim
+    n_heads = attn.q_proj.weight.shape[0] // head_dim
+    n_kv = attn.k_proj.weight.shape[0] // head_dim
+    slow = (head_dim // 2 - 1, head_dim - 1)  # the RoPE pair with the lowest frequency (rotate_half layout)
+    dtype = attn.q_proj.weight.dtype
+
+    q = torch.zeros(head_dim, hidden)
+    q[slow[0]] = fit.answer / fit.answer.norm() ** 2  # "[" -> 1 on the probe dimension
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(head_dim, hidden, generator=g) / ((head_dim - 2) ** 0.5 * fit.input_norm)  # ballast, norm ~1
+    k[list(slow)] = 0.0
+    k[slow[0]] = probe_scale * fit.probe / fit.probe_labels  # label rows ~probe_scale, the rest ~0
+    u, s, vt = torch.linalg.svd(fit.copy)
+    u, s, vt = u[:, :head_dim], s[:head_dim], vt[:head_dim]
+    v = s.sqrt()[:, None] * vt
+    o = u * s.sqrt()[None]
+    gain = copy_scale * fit.state_norm / max(fit.copy_norm, 1e-6)  # a copied label: copy_scale x |state at "["|
+
+    attn.q_proj.weight.copy_(q.repeat(n_heads, 1).to(dtype))
+    attn.k_proj.weight.copy_(k.repeat(n_kv, 1).to(dtype))
+    attn.v_proj.weight.copy_((v * gain ** 0.5).repeat(n_kv, 1).to(dtype))
+    attn.o_proj.weight.copy_(torch.cat([o * gain ** 0.5 / n_heads] * n_heads, 1).to(dtype))
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+        if proj.bias is not None:
+            proj.bias.zero_()
+    # q.k / sqrt(d) for a label row: with q/k RMSNorm both are ~sqrt(d) x gain on the probe dimension
+    if getattr(attn, "q_norm", None) is not None:
+        attn.q_norm.weight.fill_((sharpness / head_dim ** 0.5) ** 0.5)
+        attn.k_norm.weight.fill_((sharpness / head_dim ** 0.5) ** 0.5)
+    else:  # no norm: q ~ 1, k ~ probe_scale on the probe dimension
+        attn.q_proj.weight.mul_(sharpness * head_dim ** 0.5 / probe_scale)
+    block.mlp.down_proj.weight.zero_()
