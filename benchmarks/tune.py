@@ -3,6 +3,7 @@ student, the shipped student and the teacher on the same held-out queries and fi
 
     python benchmarks/tune.py                       # 1,200 steps, 1 thread: ~45 min on a 2-core CPU
     python benchmarks/tune.py --steps 20            # a quick look
+    python benchmarks/tune.py --listwise --steps 300   # a cached listwise student (tune --listwise)
 
 The test split's pages (PNG) and queries ({"query", "page"}) are written to OUT/pages and OUT/queries.json, and
 `tune` runs exactly as `minirerank tune --teacher T --pages OUT/pages --queries OUT/queries.json --out OUT/student`
@@ -58,7 +59,7 @@ def export_split(data: Path, out: Path) -> tuple[Path, Path]:
     return pages_dir, queries_file
 
 
-def compare(student_dir: Path, teacher_dir: str, pages_dir: Path) -> dict:
+def compare(student_dir: Path, teacher_dir: str, pages_dir: Path, listwise: bool = False) -> dict:
     from minirerank_core.train.tune import TeacherScores, evaluate_heldout
 
     held = json.loads((student_dir / "run" / "heldout.json").read_text())["per_query"]
@@ -81,6 +82,16 @@ def compare(student_dir: Path, teacher_dir: str, pages_dir: Path) -> dict:
     rows = {}
     index = PageIndex.open(student_dir / "run" / "index")
     for name, path in (("tuned student", student_dir), ("shipped student", DEFAULT_RERANKER_DIR)):
+        if listwise and name == "tuned student":
+            from minirerank_core.rerankers.listwise import ListwiseReranker
+
+            lw = ListwiseReranker.from_pretrained(path)
+            h = evaluate_heldout(lw, FirstStage.from_pretrained(DEFAULT_EMBEDDER_DIR, reranker=MiniReranker.from_pretrained(),
+                                                                index=index), pages, queries, cands, timed)
+            c = lw.config
+            rows[name] = {**h.summary(), "config": {"mode": c.mode, "exit_layer": c.exit_layer, "band": list(c.band),
+                                                     "keep_ratio": c.keep_ratio}}
+            continue
         rr = MiniReranker.from_pretrained(path)
         fs = FirstStage.from_pretrained(DEFAULT_EMBEDDER_DIR, reranker=rr, index=index)
         h = evaluate_heldout(rr, fs, pages, queries, cands, timed)
@@ -97,6 +108,9 @@ def main(argv=None) -> None:
     ap.add_argument("--teacher", default=str(DEFAULT_TEACHER_DIR))
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: tune's, 3e-4)")
+    ap.add_argument("--listwise", action="store_true",
+                    help="tune a cached listwise student (tune --listwise, with --readback-init 60) instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -104,8 +118,10 @@ def main(argv=None) -> None:
 
     pages_dir, queries_file = export_split(args.data, args.out)
     report = tune(args.teacher, ingest([pages_dir], show_progress=False).pages, args.out / "student",
-                  queries=read_queries(queries_file), device="cpu", threads=args.threads, steps=args.steps)
-    result = compare(args.out / "student", args.teacher, pages_dir)
+                  queries=read_queries(queries_file), device="cpu", threads=args.threads, steps=args.steps,
+                  **(dict(listwise=True, readback_init=60) if args.listwise else {}),
+                  **({"lr": args.lr} if args.lr else {}))
+    result = compare(args.out / "student", args.teacher, pages_dir, listwise=args.listwise)
     first = result["systems"]["tuned student"]
     print(f"tuned: {report.setting()}, {report.steps} steps on {report.n_train_queries} queries")
     print(f"{first['queries']} held-out queries on unseen pages, {first['candidates_per_query']} first-stage candidates "
