@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minirerank_core import MiniReranker  # noqa: E402
+from minirerank_core import ListwiseReranker, MiniReranker  # noqa: E402
 from minirerank_core.calibrate import CalibrationQuery, read_queries  # noqa: E402
 from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_RERANKER_DIR, DEFAULT_TEACHER_DIR  # noqa: E402
 from minirerank_core.pages import ingest  # noqa: E402
@@ -82,22 +82,14 @@ def compare(student_dir: Path, teacher_dir: str, pages_dir: Path, listwise: bool
     rows = {}
     index = PageIndex.open(student_dir / "run" / "index")
     for name, path in (("tuned student", student_dir), ("shipped student", DEFAULT_RERANKER_DIR)):
-        if listwise and name == "tuned student":
-            from minirerank_core.rerankers.listwise import ListwiseReranker
-
-            lw = ListwiseReranker.from_pretrained(path)
-            h = evaluate_heldout(lw, FirstStage.from_pretrained(DEFAULT_EMBEDDER_DIR, reranker=MiniReranker.from_pretrained(),
-                                                                index=index), pages, queries, cands, timed)
-            c = lw.config
-            rows[name] = {**h.summary(), "config": {"mode": c.mode, "exit_layer": c.exit_layer, "band": list(c.band),
-                                                     "keep_ratio": c.keep_ratio}}
-            continue
-        rr = MiniReranker.from_pretrained(path)
+        cls = ListwiseReranker if listwise and name == "tuned student" else MiniReranker
+        rr = cls.from_pretrained(path)
         fs = FirstStage.from_pretrained(DEFAULT_EMBEDDER_DIR, reranker=rr, index=index)
         h = evaluate_heldout(rr, fs, pages, queries, cands, timed)
         c = rr.config
+        layout = {"mode": c.mode} if cls is ListwiseReranker else {"query_positions": c.query_positions}
         rows[name] = {**h.summary(), "config": {"exit_layer": c.exit_layer, "band": list(c.band),
-                                                 "keep_ratio": c.keep_ratio, "query_positions": c.query_positions}}
+                                                 "keep_ratio": c.keep_ratio, **layout}}
     return {"teacher_max_abs_diff": worst, "systems": rows}
 
 

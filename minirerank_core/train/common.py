@@ -119,11 +119,18 @@ def _save_shared_safe(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(out, str(path))
 
 
+def has_checkpoint(ckpt_dir: Path) -> bool:
+    """Whether `ckpt_dir` holds a checkpoint written by save_checkpoint (one interrupted between its two renames
+    is recovered first): a run that resumes from it must not redo what the checkpoint already holds."""
+    ckpt_dir = Path(ckpt_dir)
+    recover_dir(ckpt_dir)
+    return (ckpt_dir / "state.json").exists()
+
+
 def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> dict | None:
     """Restore a checkpoint written by save_checkpoint; returns its state.json (None if there is none)."""
     ckpt_dir = Path(ckpt_dir)
-    recover_dir(ckpt_dir)  # a save interrupted between its two renames
-    if not (ckpt_dir / "state.json").exists():
+    if not has_checkpoint(ckpt_dir):
         return None
     meta = json.loads((ckpt_dir / "state.json").read_text())
     missing, unexpected = model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=False)

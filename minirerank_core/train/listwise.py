@@ -67,8 +67,8 @@ from ..rerankers.listwise.config import RANKGPT_LABELS, ListwiseConfig
 from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE, LabelHead, ListwiseTemplate, single_token_ids
 from ..rerankers.listwise.settings import listwise_settings, write_listwise_settings
 from ..rerankers.listwise.single_pass import encode_pages, single_pass_logits, window_sequence
-from .common import (Logger, add_runtime_args, autocast, load_checkpoint, lr_at, progress, save_checkpoint, set_lr,
-                     setup_runtime)
+from .common import (Logger, add_runtime_args, autocast, has_checkpoint, load_checkpoint, lr_at, progress,
+                     save_checkpoint, set_lr, setup_runtime)
 from .data import DataSet
 from .listwise_losses import ranknet_loss, soft_ranking_loss
 from .metrics import summarize
@@ -226,9 +226,7 @@ class ListwiseScorer:
             return WindowOutput(logits)
         if tap.out is None:
             raise ValueError(f"tap layer {tap_layer} is below the frozen split {f.split}")
-        seg = f.window.query.seg
-        last = [int(torch.nonzero(seg == i)[-1]) for i in range(n)]
-        return WindowOutput(logits, tap.out[0, last], torch.arange(n))
+        return WindowOutput(logits, tap.out[0, f.window.query.label_rows()], torch.arange(n))
 
     def _window_logits(self, logits: torch.Tensor, n: int, labels: Sequence[str] | None) -> torch.Tensor:
         """The pages' scores (n,) in the default labelling; with explicit `labels`, every label's logit."""
@@ -479,7 +477,8 @@ def copy_loss(logits: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
     return -(target * torch.log_softmax(logits.float(), -1)).sum()
 
 
-def _accumulate(parts: dict[str, float], values: dict[str, float], n: int) -> None:
+def accumulate(parts: dict[str, float], values: dict[str, float], n: int) -> None:
+    """Add each value / n to its running mean in `parts` (n: the windows that make one step)."""
     for k, v in values.items():
         parts[k] = parts.get(k, 0.0) + v / n
 
@@ -649,7 +648,7 @@ def train(args) -> dict:
     if (args.pool or args.readback_init) and (scorer.frozen_kv is None or any(c.mode != "cached" for c in configs)):
         raise SystemExit("--pool and --readback-init need the cached layout alone and --freeze-below at or above its "
                          "band's end")
-    fresh = not (out / "ckpt" / "state.json").exists()  # a resumed run's checkpoint (loaded below) has all of this
+    fresh = not has_checkpoint(out / "ckpt")  # a resumed run's checkpoint (loaded below) has all of this
     if args.attn_scale != 1.0 and fresh:
         sharpen_attention(adapter_for(model), range(args.freeze_below, n_layers), args.attn_scale)
     if args.readback_init and fresh:
@@ -718,7 +717,7 @@ def train(args) -> dict:
                         lp.update(ap)
                 # one window's graph at a time: peak memory of one window
                 (weights[cfg.mode] * total / len(plans[step])).backward()
-                _accumulate(parts, {f"{cfg.mode}_loss": float(loss.detach()),
+                accumulate(parts, {f"{cfg.mode}_loss": float(loss.detach()),
                                     **{f"{cfg.mode}_{k}": v for k, v in lp.items()},
                                     f"{cfg.mode}_top1": float(pos is not None and int(s.detach().argmax()) == pos)},
                             len(plans[step]))
@@ -733,7 +732,7 @@ def train(args) -> dict:
                     loss = copy_loss(run_window(cfg, q["query"], ids, labels=labels).logits,
                                      [scorer.labels.index(x) for x in labels])
                     (copy_w * weights[cfg.mode] * loss / W).backward()
-                    _accumulate(parts, {f"{cfg.mode}_copy": float(loss.detach())}, W)
+                    accumulate(parts, {f"{cfg.mode}_copy": float(loss.detach())}, W)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1

@@ -43,14 +43,11 @@ class ReadbackFit:
     probe_others: float  # and on every other row (about 0)
 
 
-def readback_states(adapter, layer: int, hidden: torch.Tensor, seg: torch.Tensor, n: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One cached window's normed input to `layer` (T, H) and its label rows (the last token of each label
-    segment). `hidden`: the query states entering `layer` (1, T, H), as ListwiseScorer.cached_frozen returns."""
+def readback_states(adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """One cached window's normed input to `layer` (T, H). `hidden`: the query states entering `layer` (1, T, H),
+    as ListwiseScorer.cached_frozen returns them."""
     with torch.no_grad():
-        x = adapter.layers[layer].input_layernorm(hidden[0]).float()
-    rows = torch.tensor([int(torch.nonzero(seg == i)[-1]) for i in range(n)])
-    return x, rows
+        return adapter.layers[layer].input_layernorm(hidden[0]).float()
 
 
 def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor]],
@@ -82,9 +79,9 @@ def readback_init(scorer, frozen: Sequence) -> ReadbackFit:
         raise ValueError("fit the read-back head on windows split at the layer before the exit")
     windows = []
     for f in frozen:
-        n = len(f.window.kvs)
-        x, rows = readback_states(scorer.adapter, layer, f.hidden, f.window.query.seg, n)
-        windows.append((x, rows, scorer.head.ids[:n], f.hidden[0, -1]))
+        rows = f.window.query.label_rows()
+        windows.append((readback_states(scorer.adapter, layer, f.hidden), rows, scorer.head.ids[: len(rows)],
+                        f.hidden[0, -1]))
     fit = fit_readback(windows, scorer.model.get_input_embeddings().weight.detach(),
                        scorer.adapter.norm.weight.detach())
     install_readback(scorer.adapter, layer, fit)

@@ -55,7 +55,8 @@ from ..errors import ConfigError, InvalidQueryError
 from ..fileio import format_tag, read_json, write_json
 from ..pages import Page
 from ..validation import check_choice, check_positive_int, check_query, check_ratio
-from .common import Logger, autocast, lr_at, optimizer_step, progress, save_checkpoint, set_lr, setup_runtime
+from .common import (Logger, autocast, has_checkpoint, lr_at, optimizer_step, progress, save_checkpoint, set_lr,
+                     setup_runtime)
 from .common import load_checkpoint as load_training_state
 from .metrics import ndcg_at
 from .reranker import (PairScorer, distill_loss, label_loss, max_visual_tokens_of, sample_batch, shared_offset_for,
@@ -337,7 +338,8 @@ def agreement(student: Sequence[Sequence[str]], teacher: Sequence[Sequence[str]]
 def evaluate_heldout(reranker: Any, first_stage: Any, pages: Mapping[str, Page], queries: Sequence[CalibrationQuery],
                      candidates: Mapping[str, Sequence[str]], teacher: TeacherScores, *, n_pages: int = 0,
                      show_progress: bool = False) -> HeldOut:
-    """Rerank each held-out query's candidates (page ids, first-stage order) with `reranker` (a MiniReranker;
+    """Rerank each held-out query's candidates (page ids, first-stage order) with `reranker` (a MiniReranker or a
+    ListwiseReranker;
     pruning maps from `first_stage`'s embedder and index), and compare with the teacher's scores of the same
     candidates. Time: `reranker.rerank` per query with every page's cache filled beforehand, against the teacher's
     measured seconds per pair times the candidates per query."""
@@ -679,7 +681,7 @@ def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, bat
     from ..engine.families import adapter_for
     from ..rerankers.listwise import ListwiseConfig
     from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE
-    from .listwise import TRAINED_CACHED_LABEL, ListwiseScorer, copy_loss, copy_window, window_loss
+    from .listwise import TRAINED_CACHED_LABEL, ListwiseScorer, accumulate, copy_loss, copy_window, window_loss
     from .models import sharpen_attention
     from .readback import readback_init
 
@@ -690,7 +692,7 @@ def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, bat
     scorer.frozen_kv = {}  # the frozen page side: the teacher's band KV, once per page
     n_max = len(lcfg.labels)
     params = trainable_parameters(model, cfg.exit_layer, first_layer=cfg.band[1])
-    fresh = not (run / "ckpt" / "state.json").exists()  # a resumed run's checkpoint already holds what follows
+    fresh = not has_checkpoint(run / "ckpt")  # a resumed run's checkpoint already holds what follows
     if opts.attn_scale != 1.0 and fresh:
         sharpen_attention(adapter_for(model), range(cfg.band[1], cfg.exit_layer), opts.attn_scale)
     if opts.readback_init and fresh:
@@ -740,8 +742,7 @@ def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, bat
                 total = total + opts.copy_weight * c
                 lp["copy"] = float(c.detach())
             (total / len(qs)).backward()
-            for name, v in {"loss": float(loss.detach()), **lp}.items():
-                parts[name] = parts.get(name, 0.0) + v / len(qs)
+            accumulate(parts, {"loss": float(loss.detach()), **lp}, len(qs))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1

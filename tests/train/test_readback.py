@@ -47,8 +47,10 @@ def test_readback_head_names_present_labels_in_unseen_windows(toy):  # noqa: F81
     windows = []
     for _ in range(16):
         f = _window(scorer, rng, rng.randint(2, 6))
-        x, rows = readback_states(scorer.adapter, EXIT - 1, f.hidden, f.window.query.seg, len(f.window.kvs))
-        windows.append((x, rows, scorer.head.ids[: len(rows)], f.hidden[0, -1]))
+        rows = f.window.query.label_rows()
+        assert len(rows) == len(f.window.kvs)
+        windows.append((readback_states(scorer.adapter, EXIT - 1, f.hidden), rows, scorer.head.ids[: len(rows)],
+                        f.hidden[0, -1]))
     fit = fit_readback(windows, model.get_input_embeddings().weight.detach(), scorer.adapter.norm.weight.detach())
     assert fit.probe_labels > 0.3 and abs(fit.probe_others) < 0.05  # a linear probe finds the label tokens
     before, before_loss = _copy_rate(scorer, seed=99)

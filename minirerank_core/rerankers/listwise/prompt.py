@@ -115,6 +115,11 @@ class CachedQuery:
     ids: torch.Tensor  # (Tq,)
     seg: torch.Tensor  # (Tq,) int64
 
+    def label_rows(self) -> torch.Tensor:
+        """The last token of each label segment L_1 … L_n (it has read its whole label segment and nothing else)."""
+        n = int(self.seg.max())  # the tail's tag
+        return torch.stack([torch.nonzero(self.seg == i)[-1, 0] for i in range(n)])
+
 
 def cached_query(tokenizer, template: ListwiseTemplate, query: str, labels, answer_id: int) -> CachedQuery:
     n = len(labels)
