@@ -3,7 +3,7 @@ student, the shipped student and the teacher on the same held-out queries and fi
 
     python benchmarks/tune.py                       # 1,200 steps, 1 thread: ~45 min on a 2-core CPU
     python benchmarks/tune.py --steps 20            # a quick look
-    python benchmarks/tune.py --listwise --steps 300   # a cached listwise student (tune --listwise)
+    python benchmarks/tune.py --listwise --steps 30 --lr 1e-4   # a cached listwise student (tune --listwise)
 
 The test split's pages (PNG) and queries ({"query", "page"}) are written to OUT/pages and OUT/queries.json, and
 `tune` runs exactly as `minirerank tune --teacher T --pages OUT/pages --queries OUT/queries.json --out OUT/student`
@@ -101,8 +101,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: tune's, 3e-4)")
+    ap.add_argument("--exit", type=int, default=None, help="the student's exit layer (default: tune's)")
     ap.add_argument("--listwise", action="store_true",
                     help="tune a cached listwise student (tune --listwise, with --readback-init 60) instead")
+    ap.add_argument("--readback-relevance", type=float, default=1.0,
+                    help="--listwise: the read-back head's relevance key (0: the labels evenly)")
+    ap.add_argument("--readout", default="labels", choices=("all", "labels"), help="--listwise: ListwiseConfig.readout")
+    ap.add_argument("--copy-weight", type=float, default=0.0,
+                    help="--listwise: the copy task's weight (it pulls the relevance-keyed head back to even labels)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -111,8 +117,9 @@ def main(argv=None) -> None:
     pages_dir, queries_file = export_split(args.data, args.out)
     report = tune(args.teacher, ingest([pages_dir], show_progress=False).pages, args.out / "student",
                   queries=read_queries(queries_file), device="cpu", threads=args.threads, steps=args.steps,
-                  **(dict(listwise=True, readback_init=60) if args.listwise else {}),
-                  **({"lr": args.lr} if args.lr else {}))
+                  **(dict(listwise=True, readback_init=60, readback_relevance=args.readback_relevance,
+                          readout=args.readout, copy_weight=args.copy_weight) if args.listwise else {}),
+                  **({"lr": args.lr} if args.lr else {}), **({"exit_layer": args.exit} if args.exit else {}))
     result = compare(args.out / "student", args.teacher, pages_dir, listwise=args.listwise)
     first = result["systems"]["tuned student"]
     print(f"tuned: {report.setting()}, {report.steps} steps on {report.n_train_queries} queries")

@@ -291,7 +291,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 "query_positions": args.positions, "steps": args.steps, "holdout": args.holdout,
                 "candidates": args.candidates, "lr": args.lr, "label_weight": args.label_weight,
                 "listwise": args.listwise or None, "copy_weight": args.copy_weight, "attn_scale": args.attn_scale,
-                "readback_init": args.readback_init}
+                "readback_init": args.readback_init, "readback_relevance": args.readback_relevance,
+                "readout": args.readout}
     result = tune(args.teacher, report.pages, args.out, queries=queries, embedder=args.embedder,
                   device=args.device or "auto", threads=args.threads, quiet=args.quiet or args.json,
                   show_progress=not args.quiet, **{k: v for k, v in settings.items() if v is not None})
@@ -427,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--readback-init", type=int, metavar="N", help="--listwise: write an analytic read-back head "
                     "into the layer before the exit, fitted on N windows, before training (for a model without copy "
                     "heads, like the toy; default 0: none)")
+    tn.add_argument("--readback-relevance", type=float, metavar="C", help="--listwise --readback-init: also key the "
+                    "head on each label's own yes/no judgement at this weight (default 0: the labels evenly)")
+    tn.add_argument("--readout", choices=("all", "labels"), help="--listwise: 'labels' makes the layer before the "
+                    "exit a read-out layer where \"[\" attends to the label tokens only (default: all)")
     tn.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, ...")
     tn.add_argument("--threads", type=int, help="torch CPU threads")
     tn.set_defaults(func=cmd_tune)

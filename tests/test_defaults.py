@@ -99,7 +99,7 @@ def test_shipped_listwise_model_is_the_default_and_ranks_first_stage_candidates(
     lw = ListwiseReranker.from_pretrained()
     assert lw.name == str(defaults.DEFAULT_LISTWISE_DIR)
     c = lw.config
-    assert (c.mode, c.exit_layer, c.band, c.keep_ratio, c.prune_by) == ("cached", 8, (2, 5), 0.5, "maps")
+    assert (c.mode, c.exit_layer, c.band, c.keep_ratio, c.prune_by, c.readout) == ("cached", 8, (2, 5), 0.5, "maps", "labels")
     assert lw.template == READBACK_TEMPLATE
     student = load_file(str(defaults.DEFAULT_RERANKER_DIR / "model.safetensors"))
     listwise = load_file(str(defaults.DEFAULT_LISTWISE_DIR / "model.safetensors"))

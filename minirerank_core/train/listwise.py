@@ -62,7 +62,7 @@ from ..engine.prefill import prefill_pages, prefix_kv, tokenize
 from ..engine.prompt import DEFAULT_TEMPLATE, YesNoHead, label_token_id
 from ..engine.scorer import kept_rows
 from ..fileio import format_tag, read_json, write_json
-from ..rerankers.listwise.cached import CachedWindow, cached_states, cached_window
+from ..rerankers.listwise.cached import CachedWindow, cached_states, cached_window, readout_layer
 from ..rerankers.listwise.config import RANKGPT_LABELS, ListwiseConfig
 from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE, LabelHead, ListwiseTemplate, single_token_ids
 from ..rerankers.listwise.settings import listwise_settings, write_listwise_settings
@@ -156,6 +156,7 @@ class ListwiseScorer:
         self.answer_id = single_token_ids(self.tok, [template.answer], "the answer prefix")[0]
         self.prefix_ids = tokenize(self.tok, template.prefix)
         self.image_batch = image_batch
+        self.readout = "all"  # the cached layout's ListwiseConfig.readout (the stage sets its config's)
         # page id -> PageKV, when the layers that compute the page KV are frozen (see --freeze-below): each page's
         # band KV is then a constant, prefilled once without gradients and reused by every window that holds it.
         self.frozen_kv: dict[str, object] | None = None
@@ -199,7 +200,8 @@ class ListwiseScorer:
         window = self._cached_window(query, images, band, keep_ratio, importance, page_ids, labels)
         with torch.no_grad():
             pk = prefix_kv(self.adapter, self.prefix_ids, split)
-            hidden = cached_states(self.adapter, pk, [window], range(split), band)
+            hidden = cached_states(self.adapter, pk, [window], range(split), band,
+                                   readout_at=readout_layer(self.readout, exit_layer))
         return FrozenWindow(window, exit_layer, band, split, hidden, labels)
 
     def cached_tail(self, frozen: FrozenWindow, tap_layer: int | None = None) -> WindowOutput:
@@ -216,7 +218,8 @@ class ListwiseScorer:
         pk = prefix_kv(self.adapter, self.prefix_ids, f.exit_layer)
         tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None  # after the prefills: query rows only
         try:
-            hidden = cached_states(self.adapter, pk, [f.window], range(f.split, f.exit_layer), f.band, f.hidden)
+            hidden = cached_states(self.adapter, pk, [f.window], range(f.split, f.exit_layer), f.band, f.hidden,
+                                   readout_at=readout_layer(self.readout, f.exit_layer))
         finally:
             if tap is not None:
                 tap.close()
@@ -249,6 +252,8 @@ class ListwiseScorer:
         """`config`'s layout (resolved: exit_layer / band filled). With `labels` (the pages' labels, e.g. a random
         subset as the copy task uses), the logits of every label instead of the pages' scores."""
         if config.mode == "cached":
+            if config.readout != self.readout:
+                raise ValueError(f"the scorer reads out {self.readout!r}, the config {config.readout!r}")
             return self.cached(query, images, config.exit_layer, config.band, config.keep_ratio, importance, tap_layer,
                                page_ids, labels)
         imp = importance if config.prune_by == "maps" else None
@@ -425,7 +430,7 @@ def window_loss(scores: torch.Tensor, positive: int | None, teacher: Sequence[fl
 
 
 def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], plans: Sequence[StepPlan],
-                    query_of: dict[str, dict], importance, ds: DataSet):
+                    query_of: dict[str, dict], importance, ds: DataSet, relevance_scale: float = 0.0):
     """Fit and install the read-back head (train/readback.py) in the cached layout's last layer, from the
     current (init) states of these windows."""
     from .readback import readback_init
@@ -438,7 +443,7 @@ def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], p
         imp = importance.maps(ds, ids, [q["query"]])[0] if cfg.keep_ratio < 1.0 else None
         frozen.append(scorer.cached_frozen(q["query"], [ds.image(p) for p in ids], cfg.exit_layer, cfg.band,
                                            cfg.exit_layer - 1, cfg.keep_ratio, imp, page_ids=ids))
-    return readback_init(scorer, frozen)
+    return readback_init(scorer, frozen, relevance_scale)
 
 
 def pool_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]:
@@ -544,7 +549,7 @@ def configs_of(args, n_layers: int) -> list[ListwiseConfig]:
                                  stride=args.window // 2, dtype="float32", device=args.device)
         else:
             band = tuple(args.cached_band) if args.cached_band else None
-            cfg = ListwiseConfig(mode="cached", exit_layer=args.cached_exit_layer, band=band,
+            cfg = ListwiseConfig(mode="cached", exit_layer=args.cached_exit_layer, band=band, readout=args.readout,
                                  keep_ratio=args.cached_keep_ratio, window=args.window, stride=args.window // 2,
                                  dtype="float32", device=args.device)
         out.append(cfg.resolve(n_layers))
@@ -583,6 +588,7 @@ def train(args) -> dict:
     if args.label_after_page:
         template = dataclasses.replace(template, label_after_page=True)
     scorer = ListwiseScorer(model, processor, template)
+    scorer.readout = args.readout
     cache = FrozenVisionCache(visual_module(model))  # frozen tower: each page's features are computed once
     importance = Importance(args.embedder, device, max_visual_tokens_of(processor), cache)
 
@@ -652,8 +658,12 @@ def train(args) -> dict:
     if args.attn_scale != 1.0 and fresh:
         sharpen_attention(adapter_for(model), range(args.freeze_below, n_layers), args.attn_scale)
     if args.readback_init and fresh:
-        fit = fit_readback_on(scorer, configs, [p for step_plans in plans for p in step_plans][: args.readback_init],
-                              query_of, importance, ds)
+        planned = pool if args.pool else [p for step_plans in plans for p in step_plans]
+        if len(planned) < args.readback_init:
+            raise SystemExit(f"--readback-init {args.readback_init} needs that many windows; the run plans "
+                             f"{len(planned)} (--pool / --steps x --windows-per-step)")
+        fit = fit_readback_on(scorer, configs, planned[: args.readback_init], query_of, importance, ds,
+                              args.readback_relevance)
         log(event="readback_init", layer=configs[0].exit_layer - 1, windows=args.readback_init,
             probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -756,8 +766,9 @@ def train(args) -> dict:
     processor.save_pretrained(final)
     trained = {"stage": "listwise", "steps": step, "teacher": str(args.teacher) if teacher is not None else None,
                "init": str(args.init), "freeze_below": args.freeze_below, "curriculum": asdict(curriculum),
-               "template": args.template, "readback_init": args.readback_init, "pool": args.pool,
-               "attn_scale": args.attn_scale, "copy_weight": args.copy_weight,
+               "template": args.template, "readback_init": args.readback_init,
+               "readback_relevance": args.readback_relevance, "pool": args.pool, "attn_scale": args.attn_scale,
+               "copy_weight": args.copy_weight,
                "eval": f"val split, first-stage top {args.eval_candidates}, {len(val_q)} queries", **result}
     settings = listwise_settings([c.replace(device="auto", dtype="auto") for c in configs], template)
     write_listwise_settings(final, settings, training=trained)
@@ -782,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cached: the layers where labels see their page (default: every layer)")
     ap.add_argument("--cached-keep-ratio", type=float, default=1.0,
                     help="cached: keep ratio by the embedder's importance maps (< 1 needs the maps at inference)")
+    ap.add_argument("--readout", choices=("all", "labels"), default="all",
+                    help="cached: 'labels' makes the last layer before the exit a read-out layer in which \"[\" "
+                         "attends to the label tokens only (ListwiseConfig.readout; saved with the model)")
     ap.add_argument("--cached-weight", type=float, default=1.0, help="weight of the cached layout's loss")
     ap.add_argument("--window", type=int, default=20, help="largest window (candidates per prompt)")
     ap.add_argument("--min-window", type=int, default=12, help="smallest window (sizes are drawn uniformly)")
@@ -819,6 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--readback-init", type=int, default=0, metavar="N",
                     help="set the cached layout's last layer to an analytic read-back head fitted on the init's states "
                          "of the first N training windows (train/readback.py), then train (cached layout only)")
+    ap.add_argument("--readback-relevance", type=float, default=0.0, metavar="C",
+                    help="--readback-init: also key the head on each label's own yes/no judgement at this weight, so "
+                         "that \"[\" reads the labels of the pages judged relevant most (0: the labels evenly)")
     ap.add_argument("--attn-scale", type=float, default=1.0,
                     help="multiply the attention logits of the trained layers (those from --freeze-below up) by "
                          "this at the start: a sharper attention lets the copy task find the label it reads")

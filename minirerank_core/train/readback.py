@@ -35,12 +35,13 @@ class ReadbackFit:
 
     probe: torch.Tensor  # (H,) label-token probe over the layer's normed input
     answer: torch.Tensor  # (H,) mean normed input state of "["
-    copy: torch.Tensor  # (H, H) normed label state -> direction that raises its label's logit (unit-norm targets)
+    copy: torch.Tensor  # (H, H) normed label state -> the direction that raises its label's logit alone
     state_norm: float  # mean norm of the residual state at "[" (the copy is scaled against it)
     input_norm: float  # mean norm of the normed input rows (the ballast is scaled against it)
     copy_norm: float  # mean norm of copy @ x over the label rows
     probe_labels: float  # mean probe value on label rows (about 1)
     probe_others: float  # and on every other row (about 0)
+    relevance: torch.Tensor | None = None  # (H,) centred relevance read-out over the normed input, label-row std 1
 
 
 def readback_states(adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -51,29 +52,56 @@ def readback_states(adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor]],
-                 embeddings: torch.Tensor, final_norm: torch.Tensor, ridge: float = 1.0) -> ReadbackFit:
+                 embeddings: torch.Tensor, final_norm: torch.Tensor, ridge: float = 1.0,
+                 relevance: torch.Tensor | None = None) -> ReadbackFit:
     """Fit the probe and the copy map. windows: (normed states (T, H), label rows, their label token ids, the
     residual state at "[" (H,)) per window; embeddings: the (tied) token embedding table; final_norm: the final
-    RMSNorm's weight."""
+    RMSNorm's weight. relevance: a direction over the normed states whose dot product scores a label row's page
+    (see `relevance_direction`); it is centred here (its mean over label rows taken out along the states' mean, which
+    every normed row carries about once) and scaled to unit spread over the label rows."""
     xs = torch.cat([w[0] for w in windows])
     is_label = torch.cat([torch.zeros(len(w[0])).index_fill_(0, w[1], 1.0) for w in windows])
     eye = torch.eye(xs.shape[1])
     probe = torch.linalg.solve(xs.T @ xs + ridge * eye, xs.T @ is_label)
     xl = torch.cat([w[0][w[1]] for w in windows])
-    targets = embeddings[torch.cat([torch.as_tensor(list(w[2])) for w in windows])].float() * final_norm.float()
-    targets = targets / targets.norm(dim=1, keepdim=True)
+    ids = torch.cat([torch.as_tensor(list(w[2])) for w in windows])
+    # A copied label must raise its own logit and no other label's: the labels' logit directions through the final
+    # norm and the tied head overlap (cosine ~0.4 on the toy), so the target of label j is the dual basis vector
+    # (M^T (M M^T)^-1 e_j, M = the label directions), not label j's own direction. Unequal own-logit gains showed up
+    # as label biases of several logits that outweigh the relevance.
+    labels, index = torch.unique(ids, return_inverse=True)
+    m = embeddings[labels].float() * final_norm.float()
+    dual = torch.linalg.solve(m @ m.T, m).T  # (H, L): m @ dual = I
+    targets = dual.T[index]
+    targets = targets / targets.norm(dim=1).mean()
     copy = (targets.T @ xl) @ torch.linalg.inv(xl.T @ xl + ridge * eye)
     values = xs @ probe
+    if relevance is not None:
+        # Centred on the label rows (the mean comes out along the states' mean, which every normed row carries about
+        # once) and scaled to unit spread there.
+        mean = xs.mean(0)
+        r = xl @ relevance
+        relevance = relevance - r.mean() * mean / (mean @ mean)
+        relevance = relevance / (xl @ relevance).std().clamp_min(1e-6)
     return ReadbackFit(probe, torch.stack([w[0][-1] for w in windows]).mean(0), copy,
                        float(torch.stack([w[3] for w in windows]).float().norm(dim=1).mean()),
                        float(xs.norm(dim=1).mean()), float((xl @ copy.T).norm(dim=1).mean()),
-                       float(values[is_label == 1].mean()), float(values[is_label == 0].mean()))
+                       float(values[is_label == 1].mean()), float(values[is_label == 0].mean()), relevance)
 
 
-def readback_init(scorer, frozen: Sequence) -> ReadbackFit:
+def relevance_direction(adapter, layer: int, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """The point-wise head's judgement as a direction over `layer`'s normed input: logit(yes) - logit(no) through the
+    final norm and the tied head is (positive - negative) * final gain . h / rms(h), and the layer's input norm is
+    gain_l * h / rms(h), so the same score is this direction's dot product with the normed input (the "logit lens")."""
+    return ((positive - negative).float() * adapter.norm.weight.float()
+            / adapter.layers[layer].input_layernorm.weight.float())
+
+
+def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0) -> ReadbackFit:
     """Fit on these cached windows (`ListwiseScorer.cached_frozen` results, all split at the read-back layer,
-    the last one before the exit) and install the head there. Returns the fit (its probe statistics say how
-    cleanly the label tokens separate)."""
+    the last one before the exit) and install the head there. relevance_scale > 0 also keys the head on each label
+    row's own yes/no judgement (`relevance_direction` of scorer.relevance), so "[" reads the labels of the pages
+    judged relevant most. Returns the fit (its probe statistics say how cleanly the label tokens separate)."""
     layer = frozen[0].split
     if any(f.split != layer or f.exit_layer != layer + 1 for f in frozen):
         raise ValueError("fit the read-back head on windows split at the layer before the exit")
@@ -82,19 +110,24 @@ def readback_init(scorer, frozen: Sequence) -> ReadbackFit:
         rows = f.window.query.label_rows()
         windows.append((readback_states(scorer.adapter, layer, f.hidden), rows, scorer.head.ids[: len(rows)],
                         f.hidden[0, -1]))
+    head = scorer.relevance.lm_head.weight.detach()
+    yes, no = scorer.relevance.ids
+    direction = relevance_direction(scorer.adapter, layer, head[yes], head[no])
     fit = fit_readback(windows, scorer.model.get_input_embeddings().weight.detach(),
-                       scorer.adapter.norm.weight.detach())
-    install_readback(scorer.adapter, layer, fit)
+                       scorer.adapter.norm.weight.detach(), relevance=direction if relevance_scale else None)
+    install_readback(scorer.adapter, layer, fit, relevance_scale=relevance_scale)
     return fit
 
 
 @torch.no_grad()
 def install_readback(adapter, layer: int, fit: ReadbackFit, *, probe_scale: float = 3.0, sharpness: float = 11.0,
-                     copy_scale: float = 3.0, seed: int = 0) -> None:
+                     copy_scale: float = 3.0, relevance_scale: float = 0.0, relevance_query: float = 1.0,
+                     seed: int = 0) -> None:
     """Overwrite `layer`'s attention with the read-back head and switch its MLP off (see the module docstring).
     probe_scale: the probe's weight against the ballast (norm 1); sharpness: the attention logit of a label row
     (others ~0; set through the q/k-norm gains); copy_scale: a copied label's norm, in units of the residual norm
-    at "["."""
+    at "["; relevance_scale: the centred relevance's weight in the second-slowest RoPE pair of the key (0: none, the
+    labels are read about evenly), relevance_query: the query of "[" on that pair, relative to the probe's."""
     block = adapter.layers[layer]
     attn = block.self_attn
     hidden = fit.probe.numel()
@@ -102,14 +135,22 @@ def install_readback(adapter, layer: int, fit: ReadbackFit, *, probe_scale: floa
     n_heads = attn.q_proj.weight.shape[0] // head_dim
     n_kv = attn.k_proj.weight.shape[0] // head_dim
     slow = (head_dim // 2 - 1, head_dim - 1)  # the RoPE pair with the lowest frequency (rotate_half layout)
+    slow2 = (head_dim // 2 - 2, head_dim - 2)  # the next one: the relevance
     dtype = attn.q_proj.weight.dtype
 
     q = torch.zeros(head_dim, hidden)
     q[slow[0]] = fit.answer / fit.answer.norm() ** 2  # "[" -> 1 on the probe dimension
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(head_dim, hidden, generator=g) / ((head_dim - 2) ** 0.5 * fit.input_norm)  # ballast, norm ~1
-    k[list(slow)] = 0.0
+    k = torch.randn(head_dim, hidden, generator=g) / ((head_dim - 4) ** 0.5 * fit.input_norm)  # ballast, norm ~1
+    k[list(slow) + list(slow2)] = 0.0
     k[slow[0]] = probe_scale * fit.probe / fit.probe_labels  # label rows ~probe_scale, the rest ~0
+    if relevance_scale:
+        if fit.relevance is None:
+            raise ValueError("relevance_scale needs a fit with a relevance direction (fit_readback(relevance=...))")
+        # a label row's attention logit rises with its page's judgement; the softmax over labels is shift-free, and
+        # centring keeps the other rows' keys about where they were
+        q[slow2[0]] = relevance_query * q[slow[0]]
+        k[slow2[0]] = relevance_scale * fit.relevance
     u, s, vt = torch.linalg.svd(fit.copy)
     u, s, vt = u[:, :head_dim], s[:head_dim], vt[:head_dim]
     v = s.sqrt()[:, None] * vt
@@ -125,8 +166,10 @@ def install_readback(adapter, layer: int, fit: ReadbackFit, *, probe_scale: floa
             proj.bias.zero_()
     # q.k / sqrt(d) for a label row: with q/k RMSNorm both are ~sqrt(d) x gain on the probe dimension
     if getattr(attn, "q_norm", None) is not None:
-        attn.q_norm.weight.fill_((sharpness / head_dim ** 0.5) ** 0.5)
-        attn.k_norm.weight.fill_((sharpness / head_dim ** 0.5) ** 0.5)
+        # q's norm spreads "[" over both pairs: scale the gains so the probe pair keeps its logit
+        spread = (1 + (relevance_query if relevance_scale else 0.0) ** 2) ** 0.25
+        attn.q_norm.weight.fill_((sharpness / head_dim ** 0.5) ** 0.5 * spread)
+        attn.k_norm.weight.fill_((sharpness / head_dim ** 0.5) ** 0.5 * spread)
     else:  # no norm: q ~ 1, k ~ probe_scale on the probe dimension
         attn.q_proj.weight.mul_(sharpness * head_dim ** 0.5 / probe_scale)
     block.mlp.down_proj.weight.zero_()

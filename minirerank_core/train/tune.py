@@ -93,9 +93,12 @@ class TuneSettings:
     copy_weight: float = 1.0  # listwise: weight of the copy task next to the ranking loss
     attn_scale: float = 1.0  # listwise: attention sharpening of the trained layers (1: none)
     readback_init: int = 0  # listwise: fit an analytic read-back head on this many windows first (0: none)
+    readback_relevance: float = 0.0  # listwise: key that head on each label's own judgement at this weight (0: none)
+    readout: str = "all"  # listwise: ListwiseConfig.readout ("labels": "[" reads the label tokens only before the exit)
 
     def check(self) -> TuneSettings:
         check_choice("query_positions", self.query_positions, ("exact", "shared"))
+        check_choice("readout", self.readout, ("all", "labels"))
         check_ratio("keep_ratio", self.keep_ratio)
         check_ratio("holdout", self.holdout)
         for name in ("steps", "groups", "candidates", "ckpt_every", "log_every"):
@@ -105,6 +108,8 @@ class TuneSettings:
                 raise ConfigError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.keep_ratio <= 0:
             raise ConfigError(f"keep_ratio must be > 0, got {self.keep_ratio!r}")
+        if not isinstance(self.readback_relevance, (int, float)) or self.readback_relevance < 0:
+            raise ConfigError(f"readback_relevance must be a number >= 0, got {self.readback_relevance!r}")
         if not isinstance(self.copy_weight, (int, float)) or self.copy_weight < 0:
             raise ConfigError(f"copy_weight must be a number >= 0, got {self.copy_weight!r}")
         if not isinstance(self.attn_scale, (int, float)) or self.attn_scale <= 0:
@@ -516,7 +521,8 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
                 "pages": hashlib.sha256(json.dumps(sorted(by_id)).encode()).hexdigest()}
     if opts.listwise:
         manifest["listwise"] = {"copy_weight": opts.copy_weight, "attn_scale": opts.attn_scale,
-                                "readback_init": opts.readback_init}
+                                "readback_init": opts.readback_init, "readback_relevance": opts.readback_relevance,
+                                "readout": opts.readout}
     if (run / "tune.json").exists():
         before = read_json(run / "tune.json", format=RUN_FORMAT)
         changed = sorted(k for k in {*manifest, "listwise"} if before.get(k) != manifest.get(k))
@@ -624,7 +630,8 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
                 "lr": opts.lr, "heldout": heldout.summary() if heldout else None}
     if opts.listwise:
         training.update(kind="listwise", frozen_below=cfg.band[1], copy_weight=opts.copy_weight,
-                        attn_scale=opts.attn_scale)
+                        attn_scale=opts.attn_scale, readback_init=opts.readback_init,
+                        readback_relevance=opts.readback_relevance)
         write_listwise_settings(out, listwise_settings([lw_config.replace(dtype="auto", device="auto")], lw_template),
                                 embedder=embedder, training=training)
     else:
@@ -687,8 +694,10 @@ def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, bat
 
     template = replace(DEFAULT_LISTWISE_TEMPLATE, cached_label=TRAINED_CACHED_LABEL)
     lcfg = ListwiseConfig(mode="cached", exit_layer=cfg.exit_layer, band=tuple(cfg.band), keep_ratio=cfg.keep_ratio,
-                          dtype="float32", device=str(dev))
+                          readout=opts.readout, dtype="float32", device=str(dev))
+    lcfg.resolve(adapter_for(model).num_layers)  # a read-out layer inside the band is refused before any work
     scorer = ListwiseScorer(model, processor, template)
+    scorer.readout = opts.readout
     scorer.frozen_kv = {}  # the frozen page side: the teacher's band KV, once per page
     n_max = len(lcfg.labels)
     params = trainable_parameters(model, cfg.exit_layer, first_layer=cfg.band[1])
@@ -706,7 +715,7 @@ def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, bat
                                                    tuple(cfg.band), cfg.exit_layer - 1, cfg.keep_ratio, imp, page_ids=ids))
             if len(frozen) >= opts.readback_init:
                 break
-        fit = readback_init(scorer, frozen[: opts.readback_init])
+        fit = readback_init(scorer, frozen[: opts.readback_init], opts.readback_relevance)
         log(event="readback_init", layer=cfg.exit_layer - 1, windows=len(frozen[: opts.readback_init]),
             probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)

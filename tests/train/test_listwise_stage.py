@@ -349,17 +349,29 @@ def test_stage_with_frozen_page_side_and_copy_task(toy, tmp_path):
     assert trained["freeze_below"] == 3 and trained["teacher"] is None
 
 
+@pytest.mark.parametrize("readout", ["all", "labels"])
 @pytest.mark.parametrize("split", [3, 4])
-def test_frozen_split_gives_the_whole_windows_logits_and_anchors(toy, split):
+def test_frozen_split_gives_the_whole_windows_logits_and_anchors(toy, split, readout):
     """A cached window run up to a frozen split, then through the rest, is the whole window: same label logits and
-    relevance anchors (a split at the exit runs no layer after it), and gradients reach the layers above it."""
+    relevance anchors (a split at the exit runs no layer after it), and gradients reach the layers above it. With
+    readout="labels" the read-out layer (3) is the trained one or, at split 4, a frozen one."""
     model, proc = _load(toy / "teacher")
     model.eval()
     images, ids = _images(4, seed=60), [f"p{i}" for i in range(4)]
     maps = [torch.rand(N_VISUAL, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     scorer = L.ListwiseScorer(model, proc)
     scorer.frozen_kv = {}
+    if readout == "labels":
+        plain = scorer.cached("thread lock", images, 4, (1, 3), 0.5, maps, page_ids=ids).logits
+        scorer.readout = "labels"
     whole = scorer.cached("thread lock", images, 4, (1, 3), 0.5, maps, tap_layer=3, page_ids=ids)
+    if readout == "labels":  # the check can fail: the read-out mask changes the logits
+        assert (plain - whole.logits).abs().max() > 1e-4
+        cfg = ListwiseConfig(mode="cached", exit_layer=4, band=(1, 3), keep_ratio=0.5, readout="labels").resolve(4)
+        assert scorer.window(cfg, "thread lock", images, maps, page_ids=ids).logits.tolist() == pytest.approx(
+            whole.logits.tolist(), rel=1e-5, abs=1e-5)
+        with pytest.raises(ValueError, match="reads out"):
+            scorer.window(cfg.replace(readout="all"), "thread lock", images, maps, page_ids=ids)
     frozen = scorer.cached_frozen("thread lock", images, 4, (1, 3), split, 0.5, maps, page_ids=ids)
     assert frozen.hidden.grad_fn is None
     got = scorer.cached_tail(frozen, tap_layer=3 if split == 3 else None)
@@ -457,3 +469,16 @@ def test_stage_readback_init_sets_the_last_layer_before_training(toy, tmp_path):
     L.main(_stage_args(toy, out, 3) + args[len(_stage_args(toy, out, 2)):])
     events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert sum(e.get("event") == "readback_init" for e in events) == 1
+    assert read_listwise_settings(out / "final").config("cached").readout == "all"
+
+
+def test_stage_relevance_readback_with_label_readout_ships_its_readout(toy, tmp_path):
+    """--readout labels --readback-relevance C: the head is fitted with the relevance key, and the saved model runs
+    with the read-out it was built for (ListwiseReranker.from_pretrained reads it back)."""
+    out = tmp_path / "pointer"
+    L.main(_stage_args(toy, out, 2) + ["--layouts", "cached", "--freeze-below", "3", "--distill-weight", "0",
+                                       "--pool", "3", "--readback-init", "3", "--readback-relevance", "1.0",
+                                       "--readout", "labels", "--cached-exit-layer", "4", "--lr", "1e-6"])
+    assert read_listwise_settings(out / "final").config("cached").readout == "labels"
+    r = ListwiseReranker.from_pretrained(str(out / "final"), mode="cached")
+    assert r.config.readout == "labels"

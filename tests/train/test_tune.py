@@ -344,7 +344,8 @@ def test_listwise_student_through_the_cli(files, tmp_path, capsys):
     out = tmp_path / "listwise"
     args = ["tune", "--teacher", str(files["vision_first"]), "--pages", str(files["pdf"]), "--out", str(out),
             "--embedder", str(files["embedder"]), "--exit", "4", "--band", "1", "3", "--keep", "0.5", "--steps", "3",
-            "--holdout", "0.25", "--candidates", "4", "--lr", "1e-3", "--listwise", "--attn-scale", "2", "--readback-init", "4", "--json", "-q"]
+            "--holdout", "0.25", "--candidates", "4", "--lr", "1e-3", "--listwise", "--attn-scale", "2", "--readback-init", "4", "--readback-relevance", "1",
+            "--readout", "labels", "--json", "-q"]
     assert main(args) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["kind"] == "listwise" and payload["steps"] == 3
@@ -358,7 +359,7 @@ def test_listwise_student_through_the_cli(files, tmp_path, capsys):
 
     student = ListwiseReranker.from_pretrained(out)
     c = student.config
-    assert (c.mode, c.exit_layer, c.band, c.keep_ratio) == ("cached", 4, (1, 3), 0.5)
+    assert (c.mode, c.exit_layer, c.band, c.keep_ratio, c.readout) == ("cached", 4, (1, 3), 0.5, "labels")
     assert student.template.cached_label == TRAINED_CACHED_LABEL
     a, teacher = load_file(out / "model.safetensors"), load_file(files["vision_first"] / "model.safetensors")
 

@@ -18,6 +18,10 @@ layer l < exit_layer a Q token attends to (P always; causal order inside Q):
     L_i  → P, H, L_i,             and the kept rows of V_i          if b0 <= l < b1
     T    → P, H, L_1 … L_n, T,    and the kept rows of V_1 … V_n    if b0 <= l < b1
 
+With readout="labels" (ListwiseConfig.readout), the last layer before the exit is a read-out layer: in it the
+answer token "[" (T's last token) attends to the label rows only (the last token of each L_i), so that layer is a
+pointer over the labels (the trained model's read-back head: train/readback.py). Every other row is as above.
+
 Label binding: L_i never sees another page or another label, so its states are a function of (query, label
 text, page i) alone (given Q's start position) — label i carries evidence about page i and nothing else. T reads all bound labels (and, in
 the band, all pages) and its next-token logits over the label tokens "A", "B", … are the scores, read after
@@ -62,6 +66,11 @@ def query_visibility(seg: torch.Tensor, owner: torch.Tensor, n: int) -> tuple[to
     return q_allowed, v_allowed
 
 
+def readout_layer(readout: str, exit_layer: int) -> int | None:
+    """The layer in which "[" reads the label rows only (readout="labels": the last before the exit), else None."""
+    return exit_layer - 1 if readout == "labels" else None
+
+
 def cached_logits(
     adapter: FamilyAdapter,
     prefix: list[tuple[torch.Tensor, torch.Tensor]],
@@ -69,9 +78,12 @@ def cached_logits(
     exit_layer: int,
     band: tuple[int, int],
     head: LabelHead,
+    readout: str = "all",
 ) -> torch.Tensor:
     """Label logits (B, n_labels) of each window. Windows are batched: Q left-padded, page rows right-padded."""
-    return head(adapter.norm(cached_states(adapter, prefix, windows, range(exit_layer), band)[:, -1]))
+    hidden = cached_states(adapter, prefix, windows, range(exit_layer), band,
+                           readout_at=readout_layer(readout, exit_layer))
+    return head(adapter.norm(hidden[:, -1]))
 
 
 def cached_states(
@@ -81,10 +93,12 @@ def cached_states(
     layers: range,
     band: tuple[int, int],
     hidden: torch.Tensor | None = None,
+    readout_at: int | None = None,
 ) -> torch.Tensor:
     """Q's hidden states (B, Tq, H) after `layers`, from the token embeddings or, for layers starting above 0, from
     `hidden` (the states entering layers.start, as an earlier call returned them for the same windows). Training
-    splits a window at a frozen layer this way: the frozen part runs once, the trained part every epoch."""
+    splits a window at a frozen layer this way: the frozen part runs once, the trained part every epoch.
+    readout_at: the layer in which the last row reads the label rows only (see `readout_layer`)."""
     if (hidden is None) != (layers.start == 0):
         raise ValueError("pass the entering hidden states exactly when the layers start above 0")
     device, dtype = adapter.device, adapter.dtype
@@ -117,11 +131,22 @@ def cached_states(
     see_p = torch.ones(B, Tq, P, dtype=torch.bool, device=device)
     mask_in = additive_mask(torch.cat([see_p, see_v, see_q], 2), dtype)
     mask_out = additive_mask(torch.cat([see_p, see_q], 2), dtype)
+    mask_read = None
+    if readout_at is not None and readout_at in layers:
+        if band[0] <= readout_at < band[1]:
+            raise ValueError(f"the read-out layer {readout_at} lies inside the band {band}")
+        read_p, read_q = see_p.clone(), see_q.clone()
+        read_p[:, -1] = False
+        read_q[:, -1] = False
+        for b, w in enumerate(windows):
+            read_q[b, -1, Tq - len(w.query.ids) + w.query.label_rows().to(device)] = True
+        mask_read = additive_mask(torch.cat([read_p, read_q], 2), dtype)
 
     cache = prefix_past(prefix, B, layers, band, band_k, band_v)
     if hidden is None:
         hidden = adapter.embed(ids)
     cos_sin = adapter.rotary(hidden, positions)
     for l in layers:
-        hidden = run_layers(adapter, hidden, cos_sin, mask_in if band[0] <= l < band[1] else mask_out, range(l, l + 1), cache)
+        mask = mask_in if band[0] <= l < band[1] else mask_read if l == readout_at else mask_out
+        hidden = run_layers(adapter, hidden, cos_sin, mask, range(l, l + 1), cache)
     return hidden

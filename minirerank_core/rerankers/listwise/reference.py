@@ -25,8 +25,10 @@ def cached_listwise_reference(
     exit_layer: int,
     band: tuple[int, int],
     query_keep: list[torch.Tensor] | None = None,
+    readout: str = "all",
 ) -> torch.Tensor:
-    """Label logits (n_labels,). query_keep[i]: grid indices of page i's visual tokens Q may see (None = all)."""
+    """Label logits (n_labels,). query_keep[i]: grid indices of page i's visual tokens Q may see (None = all).
+    readout="labels": in layer exit_layer - 1 the last token attends to the last token of each label segment only."""
     device = adapter.device
     feats, grid_thw = encode_pages(adapter, image_processor, images)
     P, n = len(prefix_ids), len(images)
@@ -70,6 +72,12 @@ def cached_listwise_reference(
         q_rows = key_before & (key_in_p[None, :] | q_keys | (page_keys & in_band))
         allowed = torch.where(is_q[:, None], q_rows, allowed_v_rows)
         masks[in_band] = additive_mask(allowed[None], adapter.dtype)
+    # The read-out layer: the last row's keys are the label segments' last tokens, found here from the tags alone.
+    label_ends = torch.stack([torch.nonzero(seg == i)[-1, 0] for i in range(n)])
+    read = torch.where(is_q[:, None], key_before & (key_in_p[None, :] | q_keys), allowed_v_rows)
+    read[-1] = False
+    read[-1, label_ends] = True
+    masks["read"] = additive_mask(read[None], adapter.dtype)
 
     embeds = adapter.embed(ids)
     is_img = ids == adapter.image_token_id
@@ -79,5 +87,6 @@ def cached_listwise_reference(
     hidden = embeds[None]
     cos_sin = adapter.rotary(hidden, pos[:, None])
     for l in range(exit_layer):
-        hidden = run_layers(adapter, hidden, cos_sin, masks[band[0] <= l < band[1]], range(l, l + 1), PastKV(), deepstack)
+        key = "read" if readout == "labels" and l == exit_layer - 1 else band[0] <= l < band[1]
+        hidden = run_layers(adapter, hidden, cos_sin, masks[key], range(l, l + 1), PastKV(), deepstack)
     return head(adapter.norm(hidden[:, -1]))[0]

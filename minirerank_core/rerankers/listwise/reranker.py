@@ -184,7 +184,8 @@ class ListwiseReranker(Reranker):
         if cfg.mode == "cached":
             batch = [cached_window(self.tokenizer, self.template, cfg.labels, self.answer_id, c.query,
                                    [c.kvs[i] for i in w.items], [c.rows[i] for i in w.items]) for c, w in zip(lists, windows)]
-            return cached_logits(a, self.pages.prefix_kv(cfg.exit_layer), batch, cfg.exit_layer, cfg.band, self.head)
+            return cached_logits(a, self.pages.prefix_kv(cfg.exit_layer), batch, cfg.exit_layer, cfg.band, self.head,
+                                 cfg.readout)
         seqs = []
         for c, w in zip(lists, windows):
             items = list(w.items)

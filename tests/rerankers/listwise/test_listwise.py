@@ -71,10 +71,11 @@ def test_single_pass_equals_plain_hf_forward(tiny, images, family):
     assert [x.index for x in results] == sorted(range(len(images)), key=lambda i: -scores[i])[:2]
 
 
-@pytest.mark.parametrize("mode", ["single_pass", "cached"])
+@pytest.mark.parametrize("mode", ["single_pass", "cached", "cached-labels"])
 def test_windows_of_different_queries_batch_like_single_runs(tiny, images, mode):
     model, proc = tiny("qwen3_vl")
-    r = ListwiseReranker(model, proc, ListwiseConfig(mode=mode, keep_ratio=0.6, window_batch=2))
+    readout = dict(readout="labels", exit_layer=5, band=(1, 4)) if mode == "cached-labels" else {}
+    r = ListwiseReranker(model, proc, ListwiseConfig(mode=mode.split("-")[0], keep_ratio=0.6, window_batch=2, **readout))
     rng = torch.Generator().manual_seed(0)
     imps = [[torch.rand(h * w, generator=rng) for h, w in map(r.visual_grid, imgs)] for imgs in (images, images[:2])]
     lists = [pages_of(images), pages_of(images[:2], "q")]
@@ -289,6 +290,8 @@ CACHED = [
     dict(),
     dict(exit_layer=5, band=(1, 4)),
     dict(exit_layer=4, band=(0, 3), keep_ratio=0.5),
+    dict(exit_layer=5, band=(1, 4), readout="labels"),
+    dict(exit_layer=4, band=(0, 3), keep_ratio=0.5, readout="labels"),
 ]
 
 
@@ -306,9 +309,13 @@ def test_cached_listwise_equals_explicit_mask_reference(tiny, images, family, se
     prefix_ids = proc.tokenizer(r.template.prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     # The selection rule, written independently: top keep_ratio fraction of each page's importance.
     keep = [torch.topk(i, max(1, round(cfg.keep_ratio * len(i)))).indices for i in imps] if cfg.keep_ratio < 1 else None
-    kw = dict(exit_layer=cfg.exit_layer, band=cfg.band)
+    kw = dict(exit_layer=cfg.exit_layer, band=cfg.band, readout=cfg.readout)
     ref = cached_listwise_reference(r.adapter, proc.image_processor, prefix_ids, q, images, r.head, query_keep=keep, **kw)
     assert rel_err(fast, ref[: len(images)]) < 1e-4
+    if cfg.readout == "labels":  # the read-out layer's mask matters
+        other = cached_listwise_reference(r.adapter, proc.image_processor, prefix_ids, q, images, r.head,
+                                          query_keep=keep, **{**kw, "readout": "all"})
+        assert rel_err(fast, other[: len(images)]) > 1e-3
     # The check can fail: the binding matters (same pages, other order), and so does pruning.
     swapped = cached_listwise_reference(r.adapter, proc.image_processor, prefix_ids, q, images[::-1], r.head,
                                         query_keep=None if keep is None else keep[::-1], **kw)
@@ -390,6 +397,12 @@ def test_bad_inputs(tiny, images):
         ListwiseReranker(model, proc, ListwiseConfig(exit_layer=3))
     with pytest.raises(ConfigError, match="band"):
         ListwiseReranker(model, proc, ListwiseConfig(mode="cached", band=(2, 9)))
+    with pytest.raises(ConfigError, match="readout='labels' applies to mode='cached'"):
+        ListwiseReranker(model, proc, ListwiseConfig(readout="labels"))
+    with pytest.raises(ConfigError, match="read-out layer"):  # exit 4: layer 3 would be a band layer
+        ListwiseReranker(model, proc, ListwiseConfig(mode="cached", exit_layer=4, band=(1, 4), readout="labels"))
+    with pytest.raises(ConfigError, match="readout must be"):
+        ListwiseReranker(model, proc, ListwiseConfig(mode="cached", readout="pointer"))
     r = ListwiseReranker(model, proc)
     with pytest.raises(EmptyCandidatesError):
         r.rerank(QUERY, [])
