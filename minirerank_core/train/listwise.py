@@ -181,6 +181,24 @@ class ListwiseScorer:
         owners = torch.repeat_interleave(torch.arange(len(seq.keep)), torch.tensor([len(k) for k in seq.keep]))
         return WindowOutput(self._window_logits(logits, len(images), labels), tap.out[0, rows], owners.to(rows.device))
 
+    def single_pass_frozen(self, query: str, images: list, split: int, keep_ratio: float = 1.0,
+                           importance: list[torch.Tensor | None] | None = None):
+        """A single-pass window's states entering layer `split` (1, S, H), without gradients, and its sequence
+        (whose label_rows locate the label tokens): what the read-back fit reads from this layout."""
+        feats, grid_thw = encode_pages(self.adapter, self.processor.image_processor, images, self.image_batch)
+        seq = window_sequence(self.adapter, self.tok, self.template, self.labels, self.answer_id, query, feats,
+                              grid_thw, keep_ratio, importance)
+        want = torch.tensor(self.head.ids[: len(images)])
+        if seq.label_rows is None or not torch.equal(seq.ids[seq.label_rows.to(seq.ids.device)].cpu(), want):
+            raise ValueError("this tokenizer does not keep the template's labels as tokens of their own in context")
+        tap = LayerTap(self.adapter, split - 1)
+        try:
+            with torch.no_grad():
+                single_pass_logits(self.adapter, [seq], self.head)
+        finally:
+            tap.close()
+        return tap.out, seq
+
     def cached(self, query: str, images: list, exit_layer: int, band: tuple[int, int], keep_ratio: float = 1.0,
                importance: list[torch.Tensor] | None = None, tap_layer: int | None = None,
                page_ids: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> WindowOutput:
@@ -430,20 +448,25 @@ def window_loss(scores: torch.Tensor, positive: int | None, teacher: Sequence[fl
 
 
 def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], plans: Sequence[StepPlan],
-                    query_of: dict[str, dict], importance, ds: DataSet, relevance_scale: float = 0.0):
+                    query_of: dict[str, dict], importance, ds: DataSet, relevance_scale: float = 0.0,
+                    single_pass: int = 0):
     """Fit and install the read-back head (train/readback.py) in the cached layout's last layer, from the
-    current (init) states of these windows."""
+    current (init) states of these windows; with single_pass=N, also from the first N of them in the single-pass
+    layout (all visual tokens), so that one head serves both layouts."""
     from .readback import readback_init
 
     (cfg,) = configs
-    frozen = []
-    for plan in plans:
+    frozen, single = [], []
+    for k, plan in enumerate(plans):
         q = query_of[plan.qid]
         ids = [plan.pages[i] for i in plan.orders[0]]
         imp = importance.maps(ds, ids, [q["query"]])[0] if cfg.keep_ratio < 1.0 else None
-        frozen.append(scorer.cached_frozen(q["query"], [ds.image(p) for p in ids], cfg.exit_layer, cfg.band,
-                                           cfg.exit_layer - 1, cfg.keep_ratio, imp, page_ids=ids))
-    return readback_init(scorer, frozen, relevance_scale)
+        images = [ds.image(p) for p in ids]
+        frozen.append(scorer.cached_frozen(q["query"], images, cfg.exit_layer, cfg.band, cfg.exit_layer - 1,
+                                           cfg.keep_ratio, imp, page_ids=ids))
+        if k < single_pass:
+            single.append(scorer.single_pass_frozen(q["query"], images, cfg.exit_layer - 1))
+    return readback_init(scorer, frozen, relevance_scale, single)
 
 
 def pool_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]:
@@ -663,8 +686,9 @@ def train(args) -> dict:
             raise SystemExit(f"--readback-init {args.readback_init} needs that many windows; the run plans "
                              f"{len(planned)} (--pool / --steps x --windows-per-step)")
         fit = fit_readback_on(scorer, configs, planned[: args.readback_init], query_of, importance, ds,
-                              args.readback_relevance)
+                              args.readback_relevance, args.readback_single_pass)
         log(event="readback_init", layer=configs[0].exit_layer - 1, windows=args.readback_init,
+            single_pass_windows=min(args.readback_single_pass, args.readback_init),
             probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     meta = load_checkpoint(out / "ckpt", model, opt)
@@ -767,7 +791,8 @@ def train(args) -> dict:
     trained = {"stage": "listwise", "steps": step, "teacher": str(args.teacher) if teacher is not None else None,
                "init": str(args.init), "freeze_below": args.freeze_below, "curriculum": asdict(curriculum),
                "template": args.template, "readback_init": args.readback_init,
-               "readback_relevance": args.readback_relevance, "pool": args.pool, "attn_scale": args.attn_scale,
+               "readback_relevance": args.readback_relevance, "readback_single_pass": args.readback_single_pass,
+               "pool": args.pool, "attn_scale": args.attn_scale,
                "copy_weight": args.copy_weight,
                "eval": f"val split, first-stage top {args.eval_candidates}, {len(val_q)} queries", **result}
     settings = listwise_settings([c.replace(device="auto", dtype="auto") for c in configs], template)
@@ -836,6 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--readback-relevance", type=float, default=0.0, metavar="C",
                     help="--readback-init: also key the head on each label's own yes/no judgement at this weight, so "
                          "that \"[\" reads the labels of the pages judged relevant most (0: the labels evenly)")
+    ap.add_argument("--readback-single-pass", type=int, default=0, metavar="N",
+                    help="--readback-init: also fit the head on the first N of its windows in the single-pass layout "
+                         "(unpruned), so that the one head reads labels back in both layouts (0: cached only)")
     ap.add_argument("--attn-scale", type=float, default=1.0,
                     help="multiply the attention logits of the trained layers (those from --freeze-below up) by "
                          "this at the start: a sharper attention lets the copy task find the label it reads")

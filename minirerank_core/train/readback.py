@@ -97,11 +97,13 @@ def relevance_direction(adapter, layer: int, positive: torch.Tensor, negative: t
             / adapter.layers[layer].input_layernorm.weight.float())
 
 
-def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0) -> ReadbackFit:
+def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0, single_pass: Sequence = ()) -> ReadbackFit:
     """Fit on these cached windows (`ListwiseScorer.cached_frozen` results, all split at the read-back layer,
     the last one before the exit) and install the head there. relevance_scale > 0 also keys the head on each label
     row's own yes/no judgement (`relevance_direction` of scorer.relevance), so "[" reads the labels of the pages
-    judged relevant most. Returns the fit (its probe statistics say how cleanly the label tokens separate)."""
+    judged relevant most. single_pass: (states entering the layer (1, S, H), sequence) pairs from
+    `ListwiseScorer.single_pass_frozen`, fitted together with the cached windows (one head for both layouts).
+    Returns the fit (its probe statistics say how cleanly the label tokens separate)."""
     layer = frozen[0].split
     if any(f.split != layer or f.exit_layer != layer + 1 for f in frozen):
         raise ValueError("fit the read-back head on windows split at the layer before the exit")
@@ -113,6 +115,10 @@ def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0) -> Rea
     head = scorer.relevance.lm_head.weight.detach()
     yes, no = scorer.relevance.ids
     direction = relevance_direction(scorer.adapter, layer, head[yes], head[no])
+    for hidden, seq in single_pass:
+        rows = seq.label_rows.to(hidden.device)
+        windows.append((readback_states(scorer.adapter, layer, hidden), rows, scorer.head.ids[: len(rows)],
+                        hidden[0, -1]))
     fit = fit_readback(windows, scorer.model.get_input_embeddings().weight.detach(),
                        scorer.adapter.norm.weight.detach(), relevance=direction if relevance_scale else None)
     install_readback(scorer.adapter, layer, fit, relevance_scale=relevance_scale)

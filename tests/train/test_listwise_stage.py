@@ -473,12 +473,16 @@ def test_stage_readback_init_sets_the_last_layer_before_training(toy, tmp_path):
 
 
 def test_stage_relevance_readback_with_label_readout_ships_its_readout(toy, tmp_path):
-    """--readout labels --readback-relevance C: the head is fitted with the relevance key, and the saved model runs
-    with the read-out it was built for (ListwiseReranker.from_pretrained reads it back)."""
+    """--readout labels --readback-relevance C --readback-single-pass N: the head is fitted with the relevance key on
+    both layouts' windows, and the saved model runs with the read-out it was built for (from_pretrained reads it)."""
     out = tmp_path / "pointer"
     L.main(_stage_args(toy, out, 2) + ["--layouts", "cached", "--freeze-below", "3", "--distill-weight", "0",
                                        "--pool", "3", "--readback-init", "3", "--readback-relevance", "1.0",
-                                       "--readout", "labels", "--cached-exit-layer", "4", "--lr", "1e-6"])
+                                       "--readout", "labels", "--readback-single-pass", "2", "--cached-exit-layer", "4",
+                                       "--lr", "1e-6"])
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    (fit,) = [e for e in events if e.get("event") == "readback_init"]
+    assert fit["windows"] == 3 and fit["single_pass_windows"] == 2
     assert read_listwise_settings(out / "final").config("cached").readout == "labels"
     r = ListwiseReranker.from_pretrained(str(out / "final"), mode="cached")
     assert r.config.readout == "labels"

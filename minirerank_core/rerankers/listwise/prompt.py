@@ -88,6 +88,7 @@ class SinglePassPrompt:
     ids: torch.Tensor  # (S,)
     query_mask: torch.Tensor  # (S,) bool: tokens of the query in the intro (the text QI-EI compares pages with)
     grid_thw: torch.Tensor  # (n, 3)
+    label_rows: torch.Tensor | None = None  # (n,) the row of each page's label token, in page order
 
 
 def single_pass_prompt(tokenizer, template: ListwiseTemplate, query: str, labels, grid_thw: torch.Tensor,
@@ -105,7 +106,19 @@ def single_pass_prompt(tokenizer, template: ListwiseTemplate, query: str, labels
     if int(is_img.sum()) != len(grid_thw):
         raise ValueError(f"prompt has {int(is_img.sum())} image placeholders for {len(grid_thw)} pages")
     counts[is_img] = grid_thw.prod(-1) // merge_size**2
-    return SinglePassPrompt(ids.repeat_interleave(counts), in_query.repeat_interleave(counts), grid_thw)
+    # Each label's character, from the pieces single_pass_text joins, and the token that covers it (after expansion).
+    n, pos, chars = len(labels), len(template.prefix) + len(template.intro.format(n=len(labels), query=query)), []
+    before_label = template.label.split("{label}")[0].format(query=query, n=n)
+    for x in labels:
+        mark = template.label.format(label=x, query=query, n=n)
+        page_first = len(VISION_SEGMENT) if template.label_after_page else 0
+        chars.append(pos + page_first + len(before_label))
+        pos += len(VISION_SEGMENT) + len(mark)
+    covering = [torch.nonzero((spans[:, 0] <= c) & (spans[:, 1] > c)) for c in chars]
+    label_rows = None  # (only the read-back fit needs them; a tokenizer without offsets for them just has none)
+    if all(len(t) for t in covering):
+        label_rows = (torch.cumsum(counts, 0) - counts)[torch.cat([t[0] for t in covering])]
+    return SinglePassPrompt(ids.repeat_interleave(counts), in_query.repeat_interleave(counts), grid_thw, label_rows)
 
 
 @dataclass

@@ -54,6 +54,7 @@ class PrunedSequence:
     deepstack: list[torch.Tensor]  # per deepstack level (n kept visual tokens, H); empty for Qwen2-VL
     keep: list[torch.Tensor]  # per page: kept visual-token indices (ascending) in its grid
     ids: torch.Tensor | None = None  # (S',) token ids of the kept rows (image placeholders for visual rows)
+    label_rows: torch.Tensor | None = None  # (n,) kept-row index of each page's label token (text rows are all kept)
 
 
 def pruned_sequence(
@@ -90,7 +91,11 @@ def pruned_sequence(
     rows[torch.cat(kept_rows)] = True
     n_ds = len(feats[0].deepstack)
     deepstack = [torch.cat([f.deepstack[j][k.to(device)] for f, k in zip(feats, keep)]) for j in range(n_ds)]
-    return PrunedSequence(embeds[rows], positions[:, rows], (ids == adapter.image_token_id)[rows], deepstack, keep, ids[rows])
+    label_rows = None
+    if prompt.label_rows is not None:
+        label_rows = (torch.cumsum(rows.long(), 0) - 1)[prompt.label_rows.to(device)].cpu()
+    return PrunedSequence(embeds[rows], positions[:, rows], (ids == adapter.image_token_id)[rows], deepstack, keep,
+                          ids[rows], label_rows)
 
 
 def window_sequence(adapter: FamilyAdapter, tokenizer, template: ListwiseTemplate, labels, answer_id: int, query: str,

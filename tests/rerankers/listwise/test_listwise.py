@@ -71,6 +71,29 @@ def test_single_pass_equals_plain_hf_forward(tiny, images, family):
     assert [x.index for x in results] == sorted(range(len(images)), key=lambda i: -scores[i])[:2]
 
 
+@pytest.mark.parametrize("after", [False, True], ids=["label-then-page", "page-then-label"])
+def test_single_pass_prompt_locates_each_label_token_through_pruning(tiny, images, after):
+    """label_rows (what the read-back fit reads in this layout) point at each page's own label token, in page
+    order, before and after QI-EI drops visual rows, for either label placement."""
+    from dataclasses import replace
+
+    from minirerank_core.rerankers.listwise import DEFAULT_LISTWISE_TEMPLATE
+    from minirerank_core.rerankers.listwise.single_pass import encode_pages, window_sequence
+
+    model, proc = tiny("qwen3_vl")
+    template = replace(DEFAULT_LISTWISE_TEMPLATE, label_after_page=after)
+    r = ListwiseReranker(model, proc, template=template)
+    feats, grid = encode_pages(r.adapter, proc.image_processor, images)
+    want = torch.tensor(r.head.ids[: len(images)])
+    for keep in (1.0, 0.5):
+        seq = window_sequence(r.adapter, proc.tokenizer, template, r.config.labels, r.answer_id, QUERY, feats, grid, keep)
+        assert torch.equal(seq.ids[seq.label_rows], want), keep
+        assert not seq.visual[seq.label_rows].any()
+        assert seq.label_rows.tolist() == sorted(seq.label_rows.tolist()) and len(set(seq.label_rows.tolist())) == len(images)
+    visual_before = [int(seq.visual[: i].sum()) for i in seq.label_rows.tolist()]  # page i's label: before / after it
+    assert visual_before == sorted(visual_before) and (visual_before[0] > 0) == after
+
+
 @pytest.mark.parametrize("mode", ["single_pass", "cached", "cached-labels"])
 def test_windows_of_different_queries_batch_like_single_runs(tiny, images, mode):
     model, proc = tiny("qwen3_vl")
