@@ -107,20 +107,17 @@ def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0, single
     layer = frozen[0].split
     if any(f.split != layer or f.exit_layer != layer + 1 for f in frozen):
         raise ValueError("fit the read-back head on windows split at the layer before the exit")
-    windows = []
-    for f in frozen:
-        rows = f.window.query.label_rows()
-        windows.append((readback_states(scorer.adapter, layer, f.hidden), rows, scorer.head.ids[: len(rows)],
-                        f.hidden[0, -1]))
-    head = scorer.relevance.lm_head.weight.detach()
-    yes, no = scorer.relevance.ids
-    direction = relevance_direction(scorer.adapter, layer, head[yes], head[no])
-    for hidden, seq in single_pass:
-        rows = seq.label_rows.to(hidden.device)
-        windows.append((readback_states(scorer.adapter, layer, hidden), rows, scorer.head.ids[: len(rows)],
-                        hidden[0, -1]))
+    states = [(f.hidden, f.window.query.label_rows()) for f in frozen]
+    states += [(hidden, seq.label_rows.to(hidden.device)) for hidden, seq in single_pass]
+    windows = [(readback_states(scorer.adapter, layer, hidden), rows, scorer.head.ids[: len(rows)], hidden[0, -1])
+               for hidden, rows in states]
+    direction = None
+    if relevance_scale:
+        head = scorer.relevance.lm_head.weight.detach()
+        yes, no = scorer.relevance.ids
+        direction = relevance_direction(scorer.adapter, layer, head[yes], head[no])
     fit = fit_readback(windows, scorer.model.get_input_embeddings().weight.detach(),
-                       scorer.adapter.norm.weight.detach(), relevance=direction if relevance_scale else None)
+                       scorer.adapter.norm.weight.detach(), relevance=direction)
     install_readback(scorer.adapter, layer, fit, relevance_scale=relevance_scale)
     return fit
 
