@@ -36,6 +36,7 @@ from .errors import (
     ModelNotFoundError,
     UnprunedWarning,
     UnsupportedModelError,
+    UntrainedLayoutWarning,
 )
 from .pages import Page, PixelBudget
 from .rerankers import ListwiseConfig, ListwiseReranker, MiniReranker, Reranker, RerankResult
@@ -48,5 +49,5 @@ __all__ = [
     "EmptyCandidatesError", "ImageTooLargeError", "ImportanceMap", "InvalidImageError", "InvalidImportanceError",
     "InvalidQueryError", "ListwiseConfig", "ListwiseReranker", "MLPHead", "MiniRerankError", "MiniReranker", "Page",
     "PixelBudget", "PromptTemplate", "RerankConfig", "RerankResult", "Reranker", "UnprunedWarning",
-    "UnsupportedModelError", "YesNoHead",
+    "UnsupportedModelError", "UntrainedLayoutWarning", "YesNoHead",
 ]

@@ -94,5 +94,10 @@ class IndexMergeWarning(MiniRerankWarning):
     """Pages were added, but merging the index's segments afterwards failed (retried on the next change)."""
 
 
+class UntrainedLayoutWarning(MiniRerankWarning):
+    """A listwise checkpoint was asked for a layout (single pass / cached) it saved no settings for: it was not trained
+    for that layout, which then runs on ListwiseConfig defaults and may rank no better than chance."""
+
+
 class ToyModelWarning(MiniRerankWarning):
     """The shipped default models are serving pages: they read only their own toy layout (said once per process)."""

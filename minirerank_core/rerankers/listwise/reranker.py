@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from ...candidates import Candidate, CandidateLike, MapsLike, as_candidates
 from ...engine.families import VisualFeatures
 from ...engine.kv import PageKV
 from ...engine.scorer import kept_rows
-from ...errors import ConfigError, EmptyCandidatesError
+from ...errors import ConfigError, EmptyCandidatesError, UntrainedLayoutWarning
 from ...validation import check_top_n
 from ..base import Pruning, Reranker, RerankResult, result
 from ..loading import load_checkpoint
@@ -100,6 +101,10 @@ class ListwiseReranker(Reranker):
             raise ConfigError(f"mode={mode!r} but the config given has mode={config.mode!r}")
         if saved is not None:
             kwargs.setdefault("template", saved.template)
+            if saved.configs and config.mode not in saved.configs:
+                warnings.warn(f"minirerank: {name} was trained for the listwise layouts {sorted(saved.configs)} only, "
+                              f"not mode={config.mode!r}, which may rank no better than chance with it",
+                              UntrainedLayoutWarning, stacklevel=2)
         ckpt = load_checkpoint(name, dtype=config.dtype, device=config.device, local_files_only=local_files_only,
                                device_map=device_map, quantization_config=quantization_config, revision=revision,
                                token=token, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)

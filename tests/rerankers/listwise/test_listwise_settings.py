@@ -4,11 +4,12 @@ settings, read back by ListwiseReranker.from_pretrained; and the single-pass pru
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
-from minirerank_core import ConfigError, MiniReranker, Page, RerankConfig
+from minirerank_core import ConfigError, MiniReranker, Page, RerankConfig, UntrainedLayoutWarning
 from minirerank_core import testing as T
 from minirerank_core.engine.prompt import MONOQWEN_TEMPLATE
 from minirerank_core.engine.settings import SETTINGS_FILE, read_settings, write_settings
@@ -80,6 +81,22 @@ def test_save_pretrained_then_from_pretrained_runs_each_layout_as_saved(tiny, tm
     plain = tmp_path / "plain"
     MiniReranker(model, proc).save_pretrained(plain)
     assert ListwiseReranker.from_pretrained(plain).config.keep_ratio == 1.0
+
+
+def test_a_layout_the_checkpoint_was_not_trained_for_warns(tiny, tmp_path):
+    # The shipped listwise model is fitted for the cached layout only; its single pass ranks at chance (README).
+    model, proc = tiny("qwen3_vl")
+    ListwiseReranker(model, proc, CACHED.replace(device="cpu")).save_pretrained(tmp_path)
+    with pytest.warns(UntrainedLayoutWarning, match="single_pass"):
+        ListwiseReranker.from_pretrained(tmp_path, mode="single_pass")
+    with pytest.warns(UntrainedLayoutWarning):
+        ListwiseReranker.from_pretrained(tmp_path, ListwiseConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedLayoutWarning)
+        ListwiseReranker.from_pretrained(tmp_path)  # the saved layout: no warning
+        plain = tmp_path / "plain"
+        MiniReranker(model, proc).save_pretrained(plain)
+        ListwiseReranker.from_pretrained(plain, mode="single_pass")  # no listwise settings: nothing to compare
 
 
 def test_prune_by_qiei_ignores_first_stage_maps(tiny):
