@@ -2,7 +2,7 @@
 
     DEFAULT_RERANKER_DIR   Qwen3-VL miniReranker student (HF save_pretrained dir + minirerank_config.json)
     DEFAULT_TEACHER_DIR    the dense point-wise teacher of the recipe (benchmarks and comparisons; MODEL_CARD.md: which run)
-    DEFAULT_LISTWISE_DIR   the listwise student, cached layout (README, Listwise reranking: it ranks below the first stage)
+    DEFAULT_LISTWISE_DIR   the listwise model, cached layout (README, Listwise reranking)
     DEFAULT_EMBEDDER_DIR   ColQwen3 first-stage embedder (same vision tower config and pixel budget)
     SAMPLE_CORPUS_DIR      a couple of dozen rendered pages (PNG) + queries.json, for the demo
 

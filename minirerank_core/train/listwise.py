@@ -34,7 +34,10 @@ the layers below it as the init has them (at or above the cached band's end the 
 page cache, prefilled once per page); --readback-init N writes an analytic read-back head into the cached layout's
 last layer (train/readback.py); --copy-warmup / --copy-weight add the copy task (copy_loss); --attn-scale sharpens
 the trained layers' attention; --pool N trains epochs over N fixed windows whose frozen layers run once;
---distill-weight 0 runs no teacher; --windows-per-step accumulates several windows per step.
+--distill-weight 0 runs no teacher; --windows-per-step accumulates several windows per step. For the single pass:
+--single-pass-aux relevance --label-weight 0 trains each page's label token to judge its page (the cached layout's
+relevance loss, at --bind-layer) with no loss at "[" yet; --layouts single_pass --readback-init N --readout labels
+then fits the read-back head in the last layer on single-pass windows (docs/DESIGN.md has what each measured).
 
 Validation reranks each validation query's first-stage top --eval-candidates (the embedder's exact MaxSim over
 the split) with ListwiseReranker, the inference facade. OUT/final is a save_pretrained folder whose
@@ -157,26 +160,34 @@ class ListwiseScorer:
         self.prefix_ids = tokenize(self.tok, template.prefix)
         self.image_batch = image_batch
         self.readout = "all"  # the cached layout's ListwiseConfig.readout (the stage sets its config's)
+        self.single_pass_aux = "binding"  # the single pass's auxiliary loss: "binding" or "relevance" (label rows)
         # page id -> PageKV, when the layers that compute the page KV are frozen (see --freeze-below): each page's
         # band KV is then a constant, prefilled once without gradients and reused by every window that holds it.
         self.frozen_kv: dict[str, object] | None = None
 
     def single_pass(self, query: str, images: list, keep_ratio: float = 1.0,
                     importance: list[torch.Tensor | None] | None = None, tap_layer: int | None = None,
-                    labels: Sequence[str] | None = None) -> WindowOutput:
+                    labels: Sequence[str] | None = None, readout: str = "all") -> WindowOutput:
         """ZipRerank's single pass over `images` in this order (QI-EI when importance is None). `labels`: the
-        pages' labels (default: the first len(images) of self.labels); the logits are always over all labels."""
+        pages' labels (default: the first len(images) of self.labels); the logits are always over all labels.
+        With tap_layer, the anchors are the visual rows (binding) or, with single_pass_aux = "relevance", each
+        page's label token (as the cached layout's)."""
         feats, grid_thw = encode_pages(self.adapter, self.processor.image_processor, images, self.image_batch)
         seq = window_sequence(self.adapter, self.tok, self.template, labels or self.labels, self.answer_id, query,
                               feats, grid_thw, keep_ratio, importance)
         tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None
         try:
-            logits = single_pass_logits(self.adapter, [seq], self.head)[0]
+            logits = single_pass_logits(self.adapter, [seq], self.head, readout)[0]
         finally:
             if tap is not None:
                 tap.close()
         if tap is None:
             return WindowOutput(self._window_logits(logits, len(images), labels))
+        if self.single_pass_aux == "relevance":
+            if seq.label_rows is None:
+                raise ValueError("this tokenizer does not locate the template's labels in context")
+            rows, owners = seq.label_rows.to(tap.out.device), torch.arange(len(images))
+            return WindowOutput(self._window_logits(logits, len(images), labels), tap.out[0, rows], owners.to(rows.device))
         rows = torch.nonzero(seq.visual).squeeze(1)  # one unpadded sequence: rows are the sequence's own
         owners = torch.repeat_interleave(torch.arange(len(seq.keep)), torch.tensor([len(k) for k in seq.keep]))
         return WindowOutput(self._window_logits(logits, len(images), labels), tap.out[0, rows], owners.to(rows.device))
@@ -275,7 +286,7 @@ class ListwiseScorer:
             return self.cached(query, images, config.exit_layer, config.band, config.keep_ratio, importance, tap_layer,
                                page_ids, labels)
         imp = importance if config.prune_by == "maps" else None
-        return self.single_pass(query, images, config.keep_ratio, imp, tap_layer, labels)
+        return self.single_pass(query, images, config.keep_ratio, imp, tap_layer, labels, config.readout)
 
     def scores(self, config: ListwiseConfig, query: str, images: list,
                importance: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -287,9 +298,10 @@ class ListwiseScorer:
         """The auxiliary loss at the anchors (see the class docstring). single_pass, binding: each visual row's
         label logits (the label head on the tapped state) name its own page's label (cross-entropy). cached,
         relevance: each label segment's last row scores its page as logit("yes") - logit("no"), trained with the
-        window loss (RankNet on the label, soft-ranking distillation of the teacher)."""
+        window loss (RankNet on the label, soft-ranking distillation of the teacher); the single pass's label tokens
+        get the same relevance loss with single_pass_aux = "relevance"."""
         h = self.adapter.norm(out.anchors)
-        if mode == "single_pass":
+        if mode == "single_pass" and self.single_pass_aux == "binding":
             n = int(out.owners.max()) + 1
             bind = F.cross_entropy(self.head(h)[:, :n], out.owners.to(h.device))
             return bind, {"aux_binding": float(bind.detach())}
@@ -452,10 +464,18 @@ def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], p
                     single_pass: int = 0):
     """Fit and install the read-back head (train/readback.py) in the cached layout's last layer, from the
     current (init) states of these windows; with single_pass=N, also from the first N of them in the single-pass
-    layout (all visual tokens), so that one head serves both layouts."""
+    layout (all visual tokens), so that one head serves both layouts. A single-pass config alone: the head in the
+    model's last layer, fitted on the single-pass windows (at the config's keep ratio, QI-EI)."""
     from .readback import readback_init
 
     (cfg,) = configs
+    if cfg.mode == "single_pass":
+        last, single = scorer.adapter.num_layers - 1, []
+        for plan in plans:
+            ids = [plan.pages[i] for i in plan.orders[0]]
+            single.append(scorer.single_pass_frozen(query_of[plan.qid]["query"], [ds.image(p) for p in ids], last,
+                                                    cfg.keep_ratio))
+        return readback_init(scorer, [], relevance_scale, single, layer=last)
     frozen, single = [], []
     for k, plan in enumerate(plans):
         q = query_of[plan.qid]
@@ -568,7 +588,7 @@ def configs_of(args, n_layers: int) -> list[ListwiseConfig]:
     out = []
     for mode in args.layouts:
         if mode == "single_pass":
-            cfg = ListwiseConfig(keep_ratio=args.keep_ratio, prune_by="qiei", window=args.window,
+            cfg = ListwiseConfig(keep_ratio=args.keep_ratio, prune_by="qiei", window=args.window, readout=args.readout,
                                  stride=args.window // 2, dtype="float32", device=args.device)
         else:
             band = tuple(args.cached_band) if args.cached_band else None
@@ -612,6 +632,7 @@ def train(args) -> dict:
         template = dataclasses.replace(template, label_after_page=True)
     scorer = ListwiseScorer(model, processor, template)
     scorer.readout = args.readout
+    scorer.single_pass_aux = args.single_pass_aux
     cache = FrozenVisionCache(visual_module(model))  # frozen tower: each page's features are computed once
     importance = Importance(args.embedder, device, max_visual_tokens_of(processor), cache)
 
@@ -674,20 +695,27 @@ def train(args) -> dict:
         # The frozen layers cover every layer the page prefill runs (the cached band): the page KV is the init's own
         # point-wise page cache, computed once per page here, and at inference shared with a MiniReranker over the init.
         scorer.frozen_kv = {}
-    if (args.pool or args.readback_init) and (scorer.frozen_kv is None or any(c.mode != "cached" for c in configs)):
+    single_head = args.readback_init and [c.mode for c in configs] == ["single_pass"] and not args.pool
+    if (args.pool or args.readback_init) and not single_head and (
+            scorer.frozen_kv is None or any(c.mode != "cached" for c in configs)):
         raise SystemExit("--pool and --readback-init need the cached layout alone and --freeze-below at or above its "
-                         "band's end")
+                         "band's end (or, --readback-init alone, the single-pass layout alone)")
     fresh = not has_checkpoint(out / "ckpt")  # a resumed run's checkpoint (loaded below) has all of this
     if args.attn_scale != 1.0 and fresh:
         sharpen_attention(adapter_for(model), range(args.freeze_below, n_layers), args.attn_scale)
     if args.readback_init and fresh:
         planned = pool if args.pool else [p for step_plans in plans for p in step_plans]
+        if not args.pool and len(planned) < args.readback_init:  # e.g. --steps 0: the head alone, windows drawn alike
+            lo, hi, frac = curriculum.at(max(args.steps - 1, 0), max(args.steps, 1))
+            planned = [plan_step(i, args.seed, train_q, mined, all_pages, hi, lo, frac, len(configs))
+                       for i in range(args.readback_init)]
         if len(planned) < args.readback_init:
             raise SystemExit(f"--readback-init {args.readback_init} needs that many windows; the run plans "
                              f"{len(planned)} (--pool / --steps x --windows-per-step)")
         fit = fit_readback_on(scorer, configs, planned[: args.readback_init], query_of, importance, ds,
                               args.readback_relevance, args.readback_single_pass)
-        log(event="readback_init", layer=configs[0].exit_layer - 1, windows=args.readback_init,
+        log(event="readback_init", layer=n_layers - 1 if single_head else configs[0].exit_layer - 1,
+            windows=args.readback_init,
             single_pass_windows=min(args.readback_single_pass, args.readback_init),
             probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -744,10 +772,10 @@ def train(args) -> dict:
                     t_scores = teacher.get(plan.qid, ids) if teacher is not None else [0.0] * len(ids)
                     pos = ids.index(q["positive"]) if q["positive"] in ids else None
                     loss, lp = window_loss(s, pos, t_scores, **loss_kw)
-                    total = loss
+                    total = args.label_weight * loss
                     if aux_w > 0:
                         aux, ap = scorer.aux_loss(w, cfg.mode, pos, t_scores, **loss_kw)
-                        total = loss + aux_w * aux
+                        total = total + aux_w * aux
                         lp.update(ap)
                 # one window's graph at a time: peak memory of one window
                 (weights[cfg.mode] * total / len(plans[step])).backward()
@@ -819,8 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cached-keep-ratio", type=float, default=1.0,
                     help="cached: keep ratio by the embedder's importance maps (< 1 needs the maps at inference)")
     ap.add_argument("--readout", choices=("all", "labels"), default="all",
-                    help="cached: 'labels' makes the last layer before the exit a read-out layer in which \"[\" "
-                         "attends to the label tokens only (ListwiseConfig.readout; saved with the model)")
+                    help="'labels' makes the last layer before the exit (single pass: the last layer) a read-out layer "
+                         "in which \"[\" attends to the label tokens only (ListwiseConfig.readout; saved with the model)")
     ap.add_argument("--cached-weight", type=float, default=1.0, help="weight of the cached layout's loss")
     ap.add_argument("--window", type=int, default=20, help="largest window (candidates per prompt)")
     ap.add_argument("--min-window", type=int, default=12, help="smallest window (sizes are drawn uniformly)")
@@ -835,6 +863,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bind-layer", type=int, default=1,
                     help="single pass: the LM layer whose output the binding loss reads (early: the cells carry their "
                          "label before the query tokens read them)")
+    ap.add_argument("--single-pass-aux", choices=["binding", "relevance"], default="binding",
+                    help="single pass: the auxiliary loss at --bind-layer: binding (visual rows name their label) or "
+                         "relevance (each label token scores its page as the point-wise head does, as the cached "
+                         "layout's relevance loss)")
     ap.add_argument("--relevance-layer", type=int, default=None,
                     help="cached: the LM layer whose output the relevance loss reads (default: the third from the "
                          "exit, leaving two layers to compare the labels)")
@@ -871,6 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of the copy task (name the labels present in a 1-3 page window; see copy_loss)")
     ap.add_argument("--copy-warmup", type=int, default=0,
                     help="first steps that train the copy task alone (at weight 1), before the ranking losses")
+    ap.add_argument("--label-weight", type=float, default=1.0,
+                    help="weight of the window loss on the label logits at \"[\" (0: the auxiliary loss alone, e.g. "
+                         "to train the single pass's label tokens before a read-back head is fitted on them; the "
+                         "run's own validation then reads \"[\" before any head is)")
     ap.add_argument("--ranknet-weight", type=float, default=1.0)
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--decay", type=float, default=0.5, help="soft-ranking target weight decay per position")

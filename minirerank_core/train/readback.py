@@ -97,14 +97,19 @@ def relevance_direction(adapter, layer: int, positive: torch.Tensor, negative: t
             / adapter.layers[layer].input_layernorm.weight.float())
 
 
-def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0, single_pass: Sequence = ()) -> ReadbackFit:
+def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0, single_pass: Sequence = (),
+                  layer: int | None = None) -> ReadbackFit:
     """Fit on these cached windows (`ListwiseScorer.cached_frozen` results, all split at the read-back layer,
     the last one before the exit) and install the head there. relevance_scale > 0 also keys the head on each label
     row's own yes/no judgement (`relevance_direction` of scorer.relevance), so "[" reads the labels of the pages
     judged relevant most. single_pass: (states entering the layer (1, S, H), sequence) pairs from
-    `ListwiseScorer.single_pass_frozen`, fitted together with the cached windows (one head for both layouts).
+    `ListwiseScorer.single_pass_frozen`, fitted together with the cached windows (one head for both layouts), or
+    alone (no cached windows: then `layer` names the read-back layer, the model's last).
     Returns the fit (its probe statistics say how cleanly the label tokens separate)."""
-    layer = frozen[0].split
+    if frozen:
+        layer = frozen[0].split
+    elif layer is None or not single_pass:
+        raise ValueError("give cached windows, or single-pass windows and their read-back layer")
     if any(f.split != layer or f.exit_layer != layer + 1 for f in frozen):
         raise ValueError("fit the read-back head on windows split at the layer before the exit")
     states = [(f.hidden, f.window.query.label_rows()) for f in frozen]

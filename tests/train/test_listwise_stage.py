@@ -486,3 +486,50 @@ def test_stage_relevance_readback_with_label_readout_ships_its_readout(toy, tmp_
     assert read_listwise_settings(out / "final").config("cached").readout == "labels"
     r = ListwiseReranker.from_pretrained(str(out / "final"), mode="cached")
     assert r.config.readout == "labels"
+
+
+def test_single_pass_relevance_anchors_are_the_label_tokens(toy):
+    """single_pass_aux="relevance": the anchors are each page's label token (in order, through QI-EI pruning), the
+    states single_pass_frozen taps there, and the relevance loss trains the layers below them."""
+    model, proc = _load(toy / "teacher")
+    scorer = L.ListwiseScorer(model, proc, L.READBACK_TEMPLATE)
+    scorer.single_pass_aux = "relevance"
+    images = _images(3, seed=60)
+    out = scorer.single_pass("socket buffer", images, keep_ratio=0.5, tap_layer=1)
+    assert out.owners.tolist() == [0, 1, 2]
+    with torch.no_grad():
+        hidden, seq = scorer.single_pass_frozen("socket buffer", images, 2, keep_ratio=0.5)
+    torch.testing.assert_close(out.anchors.detach(), hidden[0, seq.label_rows], rtol=1e-5, atol=1e-5)
+    loss, parts = scorer.aux_loss(out, "single_pass", 1, [0.0, 1.0, 0.5])
+    assert "aux_ranknet" in parts and "aux_binding" not in parts
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "language_model.layers.0." in n and p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0
+
+
+def test_stage_fits_a_single_pass_head_alone(toy, tmp_path):
+    """--layouts single_pass --readback-init N --readout labels --steps 0: the read-back head in the model's last
+    layer, fitted on N single-pass windows drawn as training windows are; the saved model runs single pass with the
+    read-out it was built for, without a layout warning."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from minirerank_core import UntrainedLayoutWarning
+
+    out = tmp_path / "single_head"
+    L.main(_stage_args(toy, out, 0) + ["--layouts", "single_pass", "--distill-weight", "0", "--readback-init", "3",
+                                       "--readback-relevance", "1.0", "--readout", "labels"])
+    events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    (fit,) = [e for e in events if e.get("event") == "readback_init"]
+    assert fit["layer"] == TINY.reranker.layers - 1 and fit["windows"] == 3
+    final = load_file(str(out / "final" / "model.safetensors"))
+    (key,) = [k for k in final if k.endswith(f"layers.{fit['layer']}.mlp.down_proj.weight")]
+    assert float(final[key].abs().max()) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedLayoutWarning)
+        r = ListwiseReranker.from_pretrained(str(out / "final"), mode="single_pass")
+    assert (r.config.mode, r.config.readout) == ("single_pass", "labels")
+    with pytest.raises(SystemExit, match="single-pass layout alone"):
+        L.main(_stage_args(toy, tmp_path / "both", 0) + ["--layouts", "single_pass", "cached", "--readback-init", "3",
+                                                         "--distill-weight", "0"])

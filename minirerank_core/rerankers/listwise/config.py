@@ -25,9 +25,10 @@ class ListwiseConfig:
         always QI-EI, as ZipRerank (the maps are ignored) - a model trained with QI-EI then runs as trained.
     labels: one single-token label per window slot; a window can hold at most len(labels) pages.
     exit_layer, band: cached mode only, as in RerankConfig (None = every layer).
-    readout: cached mode only. "all": the answer token "[" attends to everything it may see in every layer; "labels":
-        in the last layer before the exit it attends to the label tokens only (a pointer over the labels, the read-out
-        layer the shipped listwise model was built with; see rerankers/listwise/cached.py). Saved with the model.
+    readout: "all": the answer token "[" attends to everything it may see in every layer; "labels": in the last layer
+        before the exit (single pass: the model's last layer) it attends to the label tokens only (a pointer over the
+        labels, the read-out layer the shipped listwise model was built with; see rerankers/listwise/cached.py and
+        single_pass.single_pass_logits). Saved with the model.
     window_batch: windows that run in one forward (independent windows: one per query in rerank_batch).
     image_batch: pages per vision-tower / page-prefill batch.
     max_query_tokens, query_overflow: as in RerankConfig.
@@ -105,12 +106,10 @@ class ListwiseConfig:
                               "stage's importance maps")
         if self.readout not in ("all", "labels"):
             raise ConfigError(f"readout must be 'all' or 'labels', got {self.readout!r}")
-        if self.readout == "labels" and self.mode != "cached":
-            raise ConfigError("readout='labels' applies to mode='cached'; single_pass is a plain forward")
         check_query_limits(self.max_query_tokens, self.query_overflow)
         page = self.page_config().resolve(num_layers)  # checks exit_layer, band; resolves device and dtype
         exit_layer, band = (page.exit_layer, page.band) if self.mode == "cached" else (None, None)
-        if self.readout == "labels" and band[0] <= exit_layer - 1 < band[1]:
+        if self.readout == "labels" and self.mode == "cached" and band[0] <= exit_layer - 1 < band[1]:
             raise ConfigError(f"readout='labels' needs a read-out layer (exit_layer - 1 = {exit_layer - 1}) outside "
                               f"the band {band}")
         return replace(self, labels=labels, exit_layer=exit_layer, band=band, device=page.device, dtype=page.dtype)

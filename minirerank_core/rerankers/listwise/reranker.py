@@ -197,7 +197,7 @@ class ListwiseReranker(Reranker):
             imps = c.importance if cfg.prune_by == "maps" else [None] * len(c.cands)  # "qiei": maps ignored
             seqs.append(window_sequence(a, self.tokenizer, self.template, cfg.labels, self.answer_id, c.query,
                                         [c.feats[i] for i in items], c.grid_thw[items], c.keep_ratio, [imps[i] for i in items]))
-        return single_pass_logits(a, seqs, self.head)
+        return single_pass_logits(a, seqs, self.head, cfg.readout)
 
 
 def default_listwise_path() -> str | None:

@@ -108,9 +108,15 @@ def window_sequence(adapter: FamilyAdapter, tokenizer, template: ListwiseTemplat
     return pruned_sequence(adapter, prompt, feats, keep_ratio, importance)
 
 
-def single_pass_logits(adapter: FamilyAdapter, seqs: list[PrunedSequence], head: LabelHead) -> torch.Tensor:
+def single_pass_logits(adapter: FamilyAdapter, seqs: list[PrunedSequence], head: LabelHead,
+                       readout: str = "all") -> torch.Tensor:
     """Label logits (B, n_labels) at the last token of each sequence; sequences of different lengths are
-    left-padded into one batch and padding is masked out of every real token's attention."""
+    left-padded into one batch and padding is masked out of every real token's attention.
+
+    readout="labels": in the last layer the answer token attends to the label tokens only (ListwiseConfig.readout,
+    as in the cached layout). That layer's keys and values of a row depend on that row's own input state alone, and
+    only the answer token's output is read, so the layer runs on the label rows and the answer token alone: exact,
+    and O(n) instead of an S×S mask."""
     device, dtype = adapter.device, adapter.dtype
     B, S = len(seqs), max(s.embeds.shape[0] for s in seqs)
     hidden = torch.zeros(B, S, adapter.hidden_size, dtype=dtype, device=device)
@@ -130,5 +136,25 @@ def single_pass_logits(adapter: FamilyAdapter, seqs: list[PrunedSequence], head:
     n_ds = len(seqs[0].deepstack)
     deepstack = (visual, [torch.cat([s.deepstack[j] for s in seqs]) for j in range(n_ds)]) if n_ds else None
     cos_sin = adapter.rotary(hidden, positions)
-    hidden = run_layers(adapter, hidden, cos_sin, mask, range(adapter.num_layers), PastKV(), deepstack)
+    last = adapter.num_layers - 1
+    if readout == "all":
+        hidden = run_layers(adapter, hidden, cos_sin, mask, range(adapter.num_layers), PastKV(), deepstack)
+        return head(adapter.norm(hidden[:, -1]))
+    if any(s.label_rows is None for s in seqs):
+        raise ValueError("readout='labels' needs each page's label token (a tokenizer that keeps the labels whole)")
+    if deepstack is not None and n_ds > last:
+        raise ValueError("readout='labels': deepstack features reach the read-out layer")
+    hidden = run_layers(adapter, hidden, cos_sin, mask, range(last), PastKV(), deepstack)
+    n = max(len(s.label_rows) for s in seqs) + 1  # label rows, then the answer token; left-padded
+    sub = torch.zeros(B, n, adapter.hidden_size, dtype=dtype, device=device)
+    sub_pos = torch.zeros(3, B, n, dtype=torch.long, device=device)
+    allowed = torch.eye(n, dtype=torch.bool, device=device).repeat(B, 1, 1)  # rows other than the answer: unread
+    for b, s in enumerate(seqs):
+        rows = torch.cat([s.label_rows.to(device) + (S - s.embeds.shape[0]), torch.tensor([S - 1], device=device)])
+        off = n - len(rows)
+        sub[b, off:], sub_pos[:, b, off:] = hidden[b, rows], positions[:, b, rows]
+        allowed[b, -1] = False
+        allowed[b, -1, off : n - 1] = True
+    hidden = run_layers(adapter, sub, adapter.rotary(sub, sub_pos), additive_mask(allowed, dtype), range(last, last + 1),
+                        PastKV())
     return head(adapter.norm(hidden[:, -1]))

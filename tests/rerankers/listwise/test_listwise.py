@@ -94,10 +94,41 @@ def test_single_pass_prompt_locates_each_label_token_through_pruning(tiny, image
     assert visual_before == sorted(visual_before) and (visual_before[0] > 0) == after
 
 
-@pytest.mark.parametrize("mode", ["single_pass", "cached", "cached-labels"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_pass_label_readout_equals_explicit_mask_reference(tiny, images, family):
+    """readout="labels" in the single pass: the last layer runs on the label rows and "[" alone; the reference runs
+    the whole sequence with an explicit mask in which "[" sees only the label tokens in the last layer."""
+    from minirerank_core.engine.kv import PastKV, additive_mask, causal, run_layers
+    from minirerank_core.rerankers.listwise.single_pass import encode_pages, window_sequence
+
+    model, proc = tiny(family)
+    r = ListwiseReranker(model, proc, ListwiseConfig(readout="labels", keep_ratio=0.6, prune_by="qiei"))
+    scores = r.score(QUERY, pages_of(images))
+    a = r.adapter
+    feats, grid = encode_pages(a, proc.image_processor, images)
+    seq = window_sequence(a, proc.tokenizer, r.template, r.config.labels, r.answer_id, QUERY, feats, grid, 0.6)
+    S, last = len(seq.embeds), a.num_layers - 1
+    allowed = causal(S, S)
+    read = allowed.clone()
+    read[-1] = False
+    read[-1, seq.label_rows] = True
+    deepstack = (seq.visual[None], list(seq.deepstack)) if seq.deepstack else None
+    with torch.no_grad():
+        hidden = seq.embeds[None]
+        cos_sin = a.rotary(hidden, seq.positions[:, None])
+        hidden = run_layers(a, hidden, cos_sin, additive_mask(allowed[None], hidden.dtype), range(last), PastKV(), deepstack)
+        hidden = run_layers(a, hidden, cos_sin, additive_mask(read[None], hidden.dtype), range(last, last + 1), PastKV())
+        ref = r.head(a.norm(hidden[:, -1]))[0, : len(images)]
+    assert rel_err(scores, ref) < 1e-4
+    plain = ListwiseReranker(model, proc, ListwiseConfig(keep_ratio=0.6, prune_by="qiei")).score(QUERY, pages_of(images))
+    assert rel_err(scores, plain) > 1e-2  # the read-out mask matters: the check can fail
+
+
+@pytest.mark.parametrize("mode", ["single_pass", "single_pass-labels", "cached", "cached-labels"])
 def test_windows_of_different_queries_batch_like_single_runs(tiny, images, mode):
     model, proc = tiny("qwen3_vl")
-    readout = dict(readout="labels", exit_layer=5, band=(1, 4)) if mode == "cached-labels" else {}
+    readout = {"cached-labels": dict(readout="labels", exit_layer=5, band=(1, 4)),
+               "single_pass-labels": dict(readout="labels")}.get(mode, {})
     r = ListwiseReranker(model, proc, ListwiseConfig(mode=mode.split("-")[0], keep_ratio=0.6, window_batch=2, **readout))
     rng = torch.Generator().manual_seed(0)
     imps = [[torch.rand(h * w, generator=rng) for h, w in map(r.visual_grid, imgs)] for imgs in (images, images[:2])]
@@ -420,8 +451,6 @@ def test_bad_inputs(tiny, images):
         ListwiseReranker(model, proc, ListwiseConfig(exit_layer=3))
     with pytest.raises(ConfigError, match="band"):
         ListwiseReranker(model, proc, ListwiseConfig(mode="cached", band=(2, 9)))
-    with pytest.raises(ConfigError, match="readout='labels' applies to mode='cached'"):
-        ListwiseReranker(model, proc, ListwiseConfig(readout="labels"))
     with pytest.raises(ConfigError, match="read-out layer"):  # exit 4: layer 3 would be a band layer
         ListwiseReranker(model, proc, ListwiseConfig(mode="cached", exit_layer=4, band=(1, 4), readout="labels"))
     with pytest.raises(ConfigError, match="readout must be"):
