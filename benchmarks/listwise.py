@@ -8,11 +8,13 @@ page (FirstStage). Then, on those candidates:
     point-wise dense      the dense point-wise teacher (--teacher; default: the shipped DEFAULT_TEACHER_DIR):
                           MiniReranker.dense_scores, a plain HF forward per (query, page) pair
     point-wise mini       the shipped miniReranker student in its trained settings (cache prefilled offline)
-    zip single pass k=1   the shipped listwise student (--listwise; default DEFAULT_LISTWISE_DIR), ZipRerank's
-                          single pass (one forward over the query and the 20 labelled pages), keeping every token
+    zip single pass k=1   the shipped single-pass model (--listwise-single; default DEFAULT_LISTWISE_SINGLE_PASS_DIR,
+                          or the --listwise model when --listwise is given alone), ZipRerank's single pass (one
+                          forward over the query and the 20 labelled pages), keeping every token
     zip single pass k=.5  the same at the keep ratio it was trained with (QI-EI), its shipped default
-    cached listwise       the same weights in the cached vision-first layout it was trained for: page band KV
-                          prefilled offline (timed separately), one query pass per window
+    cached listwise       the shipped listwise model (--listwise; default DEFAULT_LISTWISE_DIR) in the cached
+                          vision-first layout it was trained for: page band KV prefilled offline (timed separately),
+                          one query pass per window
 
 Seconds per query cover the reranking only (the first stage is common to all rows and reported apart); every
 reranker gets the same Candidates (pages + the first stage's maps) as `minirerank search` hands them over, and
@@ -290,7 +292,8 @@ def toy_split(args):
 
 
 def trained(args):
-    from minirerank_core.defaults import DEFAULT_EMBEDDER_DIR, DEFAULT_LISTWISE_DIR, DEFAULT_RERANKER_DIR, DEFAULT_TEACHER_DIR
+    from minirerank_core.defaults import (DEFAULT_EMBEDDER_DIR, DEFAULT_LISTWISE_DIR, DEFAULT_LISTWISE_SINGLE_PASS_DIR,
+                                         DEFAULT_RERANKER_DIR, DEFAULT_TEACHER_DIR)
     from minirerank_core.engine.settings import read_settings
     from minirerank_core.retrieval import FirstStage
     from minirerank_core.rerankers.listwise.settings import read_listwise_settings
@@ -309,12 +312,17 @@ def trained(args):
     pages = {p: Page(ds.image_path(p), id=p) for p in page_ids}
     dev = dict(device=args.device)
 
+    sdir = Path(args.listwise_single) if args.listwise_single else (
+        DEFAULT_LISTWISE_SINGLE_PASS_DIR if not args.listwise and (DEFAULT_LISTWISE_SINGLE_PASS_DIR / "config.json").exists()
+        else ldir)
+    single_saved = read_listwise_settings(sdir) or saved
     # a model trained for the cached layout only still runs ZipRerank's single pass (at its usual keep 0.5), untrained
-    single_cfg = (saved.configs.get("single_pass") or ListwiseConfig(mode="single_pass", keep_ratio=0.5)).replace(**dev)
-    zip_half = ListwiseReranker.from_pretrained(ldir, single_cfg)
-    model, processor, tmpl = zip_half.model, zip_half.processor, zip_half.template
-    zip_full = ListwiseReranker(model, processor, single_cfg.replace(keep_ratio=1.0), template=tmpl, name=str(ldir))
-    cached = ListwiseReranker(model, processor, saved.config("cached").replace(**dev), template=tmpl, name=str(ldir))
+    single_cfg = (single_saved.configs.get("single_pass")
+                  or ListwiseConfig(mode="single_pass", keep_ratio=0.5)).replace(**dev)
+    zip_half = ListwiseReranker.from_pretrained(sdir, single_cfg)
+    zip_full = ListwiseReranker(zip_half.model, zip_half.processor, single_cfg.replace(keep_ratio=1.0),
+                                template=zip_half.template, name=str(sdir))
+    cached = ListwiseReranker.from_pretrained(ldir, saved.config("cached").replace(**dev))
     mini = MiniReranker.from_pretrained(rdir, read_settings(rdir).config.replace(**dev))
     dense = MiniReranker.from_pretrained(tdir, RerankConfig(**dev))
     first_stage = FirstStage.from_pretrained(edir, reranker=mini, **dev)
@@ -362,8 +370,10 @@ def trained(args):
     print(f"\n{args.split}: {n} queries over {len(pages)} pages; first stage top-{args.top_k} reranked "
           f"(first-stage recall@{args.top_k} = {recall_k:.3f}); threads {torch.get_num_threads()}, device {args.device}")
     trained_for = ", ".join(sorted(saved.configs))
-    print(f"listwise: {ldir}, trained for: {trained_for} (single pass prune_by={single_cfg.prune_by}; cached exit {cached.config.exit_layer}, "
-          f"band {cached.config.band}, keep {cached.config.keep_ratio:g}); teacher: {tdir}")
+    print(f"listwise: {ldir}, trained for: {trained_for} (cached exit {cached.config.exit_layer}, band "
+          f"{cached.config.band}, keep {cached.config.keep_ratio:g}); single pass: {sdir}, trained for: "
+          f"{', '.join(sorted(single_saved.configs))} (prune_by={single_cfg.prune_by}, readout={single_cfg.readout}); "
+          f"teacher: {tdir}")
     print(f"offline per page: embed {embed_s:.3f}s, mini prefill {prefill['mini']:.3f}s, "
           f"cached listwise prefill {prefill['cached listwise']:.3f}s")
     print(f"{'system':28s} {'nDCG@5':>7s} {'R@1':>6s} {'R@5':>6s} {'MRR':>6s} {'s/query':>8s} {'x dense':>8s}")
@@ -385,8 +395,9 @@ def trained(args):
     if args.details:
         args.details.write_text(json.dumps(details, indent=1))
     print(json.dumps({"split": args.split, "n_queries": n, "n_pages": len(pages), "top_k": args.top_k,
-                      "recall_at_k_first_stage": recall_k, "listwise": str(ldir), "teacher": str(tdir),
-                      "listwise_configs": {m: c.to_dict() for m, c in saved.configs.items()},
+                      "recall_at_k_first_stage": recall_k, "listwise": str(ldir), "listwise_single": str(sdir),
+                      "teacher": str(tdir), "listwise_configs": {m: c.to_dict() for m, c in saved.configs.items()},
+                      "single_pass_config": single_cfg.to_dict(),
                       "offline_seconds_per_page": {"embed": embed_s, **prefill}, "methods": rows, "checks": checks,
                       "threads": torch.get_num_threads()}))
 
@@ -397,6 +408,8 @@ def main(argv=None):
     t.add_argument("--toy-data", type=Path, default=ROOT / "runs" / "data",
                    help="the toy dataset (train.data; built from seed 0 when missing)")
     t.add_argument("--listwise", help="listwise-trained checkpoint (default: the shipped DEFAULT_LISTWISE_DIR)")
+    t.add_argument("--listwise-single", help="the model the single-pass rows run (default: the shipped "
+                   "DEFAULT_LISTWISE_SINGLE_PASS_DIR, or --listwise's model when --listwise is given alone)")
     t.add_argument("--teacher", help="dense point-wise teacher (default: the shipped DEFAULT_TEACHER_DIR)")
     t.add_argument("--reranker", help="point-wise mini student (default: the shipped DEFAULT_RERANKER_DIR)")
     t.add_argument("--embedder", help="first-stage embedder (default: the shipped DEFAULT_EMBEDDER_DIR)")

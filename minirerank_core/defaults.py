@@ -3,6 +3,8 @@
     DEFAULT_RERANKER_DIR   Qwen3-VL miniReranker student (HF save_pretrained dir + minirerank_config.json)
     DEFAULT_TEACHER_DIR    the dense point-wise teacher of the recipe (benchmarks and comparisons; MODEL_CARD.md: which run)
     DEFAULT_LISTWISE_DIR   the listwise model, cached layout (README, Listwise reranking)
+    DEFAULT_LISTWISE_SINGLE_PASS_DIR   the listwise model for ZipRerank's single pass (what
+                           ListwiseReranker.from_pretrained(mode="single_pass") loads)
     DEFAULT_EMBEDDER_DIR   ColQwen3 first-stage embedder (same vision tower config and pixel budget)
     SAMPLE_CORPUS_DIR      a couple of dozen rendered pages (PNG) + queries.json, for the demo
 
@@ -25,6 +27,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_RERANKER_DIR = ASSETS_DIR / "reranker"
 DEFAULT_TEACHER_DIR = ASSETS_DIR / "teacher"
 DEFAULT_LISTWISE_DIR = ASSETS_DIR / "listwise"
+DEFAULT_LISTWISE_SINGLE_PASS_DIR = ASSETS_DIR / "listwise_single_pass"
 DEFAULT_EMBEDDER_DIR = ASSETS_DIR / "embedder"
 SAMPLE_CORPUS_DIR = ASSETS_DIR / "sample_corpus"
 
@@ -45,5 +48,5 @@ def sample_pages() -> list[Path]:
     return sorted(SAMPLE_CORPUS_DIR.glob("*.png"))
 
 
-__all__ = ["ASSETS_DIR", "DEFAULT_EMBEDDER_DIR", "DEFAULT_LISTWISE_DIR", "DEFAULT_RERANKER_DIR", "DEFAULT_TEACHER_DIR",
+__all__ = ["ASSETS_DIR", "DEFAULT_EMBEDDER_DIR", "DEFAULT_LISTWISE_DIR", "DEFAULT_LISTWISE_SINGLE_PASS_DIR", "DEFAULT_RERANKER_DIR", "DEFAULT_TEACHER_DIR",
            "SAMPLE_CORPUS_DIR", "default_rerank_config", "sample_pages", "sample_queries"]

@@ -120,3 +120,33 @@ def test_shipped_listwise_model_is_the_default_and_ranks_first_stage_candidates(
     res = lw.rerank(q["query"], cands)
     assert sorted(r.page_id for r in res) == sorted(c.page_id for c in cands)
     assert all(r.score == r.score for r in res) and len({round(r.score, 4) for r in res}) > 1
+
+
+@pytest.mark.skipif(not (defaults.DEFAULT_LISTWISE_SINGLE_PASS_DIR / "model.safetensors").exists(),
+                    reason="no single-pass listwise asset")
+def test_shipped_single_pass_model_is_the_single_pass_default(monkeypatch):
+    """ListwiseReranker.from_pretrained(mode="single_pass") loads the single-pass model (not the cached one, which
+    was never fitted for that layout: no UntrainedLayoutWarning), with the read-out it was built for, and ranks the
+    sample corpus's first-stage candidates (QI-EI pruning: no maps needed)."""
+    import warnings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from minirerank_core import ListwiseReranker, Page, UntrainedLayoutWarning
+    from minirerank_core.retrieval import FirstStage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedLayoutWarning)
+        lw = ListwiseReranker.from_pretrained(mode="single_pass")
+    assert lw.name == str(defaults.DEFAULT_LISTWISE_SINGLE_PASS_DIR)
+    c = lw.config
+    assert (c.mode, c.keep_ratio, c.prune_by, c.readout) == ("single_pass", 0.5, "qiei", "labels")
+    assert ListwiseReranker.from_pretrained().name == str(defaults.DEFAULT_LISTWISE_DIR)  # the default stays cached
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    mini = MiniReranker.from_pretrained()
+    first_stage = FirstStage.from_pretrained(defaults.DEFAULT_EMBEDDER_DIR, reranker=mini)
+    first_stage.add([Page(p, id=p.stem) for p in defaults.sample_pages()])
+    q = defaults.sample_queries()[0]
+    cands = first_stage.candidates(q["query"], 10, mini)
+    res = lw.rerank(q["query"], cands)
+    assert sorted(r.page_id for r in res) == sorted(c.page_id for c in cands)
+    assert all(r.score == r.score for r in res) and len({round(r.score, 4) for r in res}) > 1

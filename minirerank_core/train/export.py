@@ -9,6 +9,7 @@
   assets/listwise/       the listwise (ZipRerank) student, when the run has one (RUN/listwise/final): its weights
                          stored as float16 (half the bytes; loaded as float32 on a CPU) + minirerank_config.json
                          with its ListwiseConfig per layout; checked to score as the float32 model does
+  assets/listwise_single_pass/  the single-pass listwise model (RUN/single-head/final), exported the same way
   assets/sample_corpus/  --sample-pages test-split pages (PNG, named by page id) + queries.json; every query is
                          run through the default pipeline (embedder top-k over the sample corpus, then the student
                          with pruning) and marked with whether its relevant page came out on top ("demo": true)
@@ -181,6 +182,12 @@ def main(argv=None) -> None:
         check = [ds.image(p) for p in ds.page_ids("test")[:8]]
         sizes["listwise"] = export_listwise(args.run / "listwise" / "final", ldir, check_images=check)
         dirs.append(ldir)
+    if (args.run / "single-head" / "final").exists():
+        ds = DataSet(args.data)
+        sdir = args.assets / "listwise_single_pass"
+        check = [ds.image(p) for p in ds.page_ids("test")[:8]]
+        sizes["listwise_single_pass"] = export_listwise(args.run / "single-head" / "final", sdir, check_images=check)
+        dirs.append(sdir)
     summary = build_sample_corpus(DataSet(args.data), args.assets / "sample_corpus", rdir, edir, args.sample_pages, args.sample_docs)
     mb = {d.name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for d in (*dirs, args.assets / "sample_corpus")}
     print(json.dumps({"sizes_mb": mb, **sizes, "sample": summary}))

@@ -53,12 +53,15 @@ def readback_states(adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
 
 def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], torch.Tensor]],
                  embeddings: torch.Tensor, final_norm: torch.Tensor, ridge: float = 1.0,
-                 relevance: torch.Tensor | None = None) -> ReadbackFit:
+                 relevance: torch.Tensor | None = None, centre: bool = True) -> ReadbackFit:
     """Fit the probe and the copy map. windows: (normed states (T, H), label rows, their label token ids, the
     residual state at "[" (H,)) per window; embeddings: the (tied) token embedding table; final_norm: the final
     RMSNorm's weight. relevance: a direction over the normed states whose dot product scores a label row's page
     (see `relevance_direction`); it is centred here (its mean over label rows taken out along the states' mean, which
-    every normed row carries about once) and scaled to unit spread over the label rows."""
+    every normed row carries about once) and scaled to unit spread over the label rows. centre=False keeps it
+    uncentred: with ListwiseConfig.readout="labels" "[" sees the label rows alone, and a softmax over them ignores a
+    shared offset, while the centring's correction (the mean lens times each row's share of the states' mean) varies
+    from row to row where label states differ, as in the single pass (validation lens 0.686 raw, 0.46 centred)."""
     xs = torch.cat([w[0] for w in windows])
     is_label = torch.cat([torch.zeros(len(w[0])).index_fill_(0, w[1], 1.0) for w in windows])
     eye = torch.eye(xs.shape[1])
@@ -79,9 +82,9 @@ def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[in
     if relevance is not None:
         # Centred on the label rows (the mean comes out along the states' mean, which every normed row carries about
         # once) and scaled to unit spread there.
-        mean = xs.mean(0)
-        r = xl @ relevance
-        relevance = relevance - r.mean() * mean / (mean @ mean)
+        if centre:
+            mean = xs.mean(0)
+            relevance = relevance - (xl @ relevance).mean() * mean / (mean @ mean)
         relevance = relevance / (xl @ relevance).std().clamp_min(1e-6)
     return ReadbackFit(probe, torch.stack([w[0][-1] for w in windows]).mean(0), copy,
                        float(torch.stack([w[3] for w in windows]).float().norm(dim=1).mean()),
@@ -98,13 +101,13 @@ def relevance_direction(adapter, layer: int, positive: torch.Tensor, negative: t
 
 
 def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0, single_pass: Sequence = (),
-                  layer: int | None = None) -> ReadbackFit:
+                  layer: int | None = None, centre: bool = True) -> ReadbackFit:
     """Fit on these cached windows (`ListwiseScorer.cached_frozen` results, all split at the read-back layer,
     the last one before the exit) and install the head there. relevance_scale > 0 also keys the head on each label
     row's own yes/no judgement (`relevance_direction` of scorer.relevance), so "[" reads the labels of the pages
     judged relevant most. single_pass: (states entering the layer (1, S, H), sequence) pairs from
     `ListwiseScorer.single_pass_frozen`, fitted together with the cached windows (one head for both layouts), or
-    alone (no cached windows: then `layer` names the read-back layer, the model's last).
+    alone (no cached windows: then `layer` names the read-back layer, the model's last). centre: see fit_readback.
     Returns the fit (its probe statistics say how cleanly the label tokens separate)."""
     if frozen:
         layer = frozen[0].split
@@ -122,7 +125,7 @@ def readback_init(scorer, frozen: Sequence, relevance_scale: float = 0.0, single
         yes, no = scorer.relevance.ids
         direction = relevance_direction(scorer.adapter, layer, head[yes], head[no])
     fit = fit_readback(windows, scorer.model.get_input_embeddings().weight.detach(),
-                       scorer.adapter.norm.weight.detach(), relevance=direction)
+                       scorer.adapter.norm.weight.detach(), relevance=direction, centre=centre)
     install_readback(scorer.adapter, layer, fit, relevance_scale=relevance_scale)
     return fit
 

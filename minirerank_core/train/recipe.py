@@ -35,6 +35,9 @@ TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "
 # judgement, "[" reading the label tokens only in that layer (readout "labels"). No gradient steps: training that
 # layer further lowered validation nDCG@5 (docs/DESIGN.md, listwise training).
 LISTWISE = dict(steps=0, readback_init=60, readback_relevance=1.0, freeze_below=7, window=20, min_window=4)
+# The single-pass model: the student's label tokens trained in the single pass (the relevance loss, no loss at "["),
+# then the read-back head fitted on single-pass windows with the read-out mask and an uncentred key.
+SINGLE = dict(steps=1800, lr=5e-5, window=10, min_window=4, keep_ratio=0.5, bind_layer=6, readback_init=60)
 
 
 def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | None, list[str]]]:
@@ -76,6 +79,23 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--readback-relevance", str(LISTWISE["readback_relevance"]), "--readout", "labels",
           "--freeze-below", str(LISTWISE["freeze_below"]), "--distill-weight", "0",
           "--pool", s(LISTWISE["readback_init"], 2), "--steps", str(LISTWISE["steps"]),
+          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3)]
+         + (["--eval-queries", "4"] if smoke else ["--eval-queries", "60"])),
+        ("single-train", run / "single-train", None,
+         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "student" / "final"),
+          "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
+          "--out", str(run / "single-train"), "--layouts", "single_pass", "--keep-ratio", str(SINGLE["keep_ratio"]),
+          "--template", "readback", "--single-pass-aux", "relevance", "--aux-weight", "1",
+          "--bind-layer", str(SINGLE["bind_layer"]), "--label-weight", "0", "--distill-weight", "0",
+          "--lr", str(SINGLE["lr"]), "--warmup", s(20, 1), "--steps", s(SINGLE["steps"], 2),
+          "--window", s(SINGLE["window"], 4), "--min-window", s(SINGLE["min_window"], 3), "--ckpt-every", "300"]
+         + (["--eval-queries", "4"] if smoke else ["--eval-queries", "30"])),
+        ("single-head", run / "single-head", None,
+         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "single-train" / "final"),
+          "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
+          "--out", str(run / "single-head"), "--layouts", "single_pass", "--keep-ratio", str(SINGLE["keep_ratio"]),
+          "--template", "readback", "--readback-init", s(SINGLE["readback_init"], 2), "--readback-relevance", "1.0",
+          "--readout", "labels", "--readback-uncentred", "--distill-weight", "0", "--steps", "0",
           "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3)]
          + (["--eval-queries", "4"] if smoke else ["--eval-queries", "60"])),
     ]

@@ -13,7 +13,7 @@ import torch
 from minirerank_core import Page
 from minirerank_core.engine.config import RerankConfig
 from minirerank_core.engine.prompt import DEFAULT_TEMPLATE
-from minirerank_core.engine.settings import write_settings
+from minirerank_core.engine.settings import read_settings, write_settings
 from minirerank_core.rerankers.listwise import ListwiseConfig, ListwiseReranker
 from minirerank_core.rerankers.listwise.settings import read_listwise_settings
 from minirerank_core.testing import random_page_image
@@ -519,7 +519,7 @@ def test_stage_fits_a_single_pass_head_alone(toy, tmp_path):
 
     out = tmp_path / "single_head"
     L.main(_stage_args(toy, out, 0) + ["--layouts", "single_pass", "--distill-weight", "0", "--readback-init", "3",
-                                       "--readback-relevance", "1.0", "--readout", "labels"])
+                                       "--readback-relevance", "1.0", "--readout", "labels", "--readback-uncentred"])
     events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     (fit,) = [e for e in events if e.get("event") == "readback_init"]
     assert fit["layer"] == TINY.reranker.layers - 1 and fit["windows"] == 3
@@ -530,6 +530,11 @@ def test_stage_fits_a_single_pass_head_alone(toy, tmp_path):
         warnings.simplefilter("error", UntrainedLayoutWarning)
         r = ListwiseReranker.from_pretrained(str(out / "final"), mode="single_pass")
     assert (r.config.mode, r.config.readout) == ("single_pass", "labels")
+    assert read_settings(out / "final").extra["training"]["readback_uncentred"] is True
+    with pytest.raises(SystemExit, match="--readout labels"):
+        L.main(_stage_args(toy, tmp_path / "centre", 0) + ["--layouts", "single_pass", "--readback-init", "3",
+                                                           "--readback-relevance", "1.0", "--readback-uncentred",
+                                                           "--distill-weight", "0"])
     with pytest.raises(SystemExit, match="single-pass layout alone"):
         L.main(_stage_args(toy, tmp_path / "both", 0) + ["--layouts", "single_pass", "cached", "--readback-init", "3",
                                                          "--distill-weight", "0"])

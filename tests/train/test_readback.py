@@ -107,3 +107,26 @@ def test_relevance_keyed_head_reads_the_labels_scored_highest_first(toy):  # noq
     want = scorer.relevance(scorer.adapter.norm(h))
     got = scorer.adapter.layers[EXIT - 1].input_layernorm(h) @ lens
     assert torch.allclose(got, want, atol=1e-4), (got, want)
+
+
+def test_uncentred_relevance_is_the_direction_itself_and_ranks_the_rows_as_it_does(toy):  # noqa: F811
+    """fit_readback(centre=False): the relevance key is the given direction, only scaled to unit spread over the label
+    rows (so within any window it orders the label rows exactly as the direction does); the centred one subtracts
+    the mean judgement along the states' mean, which reorders rows whose share of that mean differs."""
+    model, proc = _load(toy / "teacher")
+    scorer = L.ListwiseScorer(model, proc, L.READBACK_TEMPLATE)
+    scorer.frozen_kv = {}
+    rng = random.Random(3)
+    frozen = [_window(scorer, rng, rng.randint(3, 6)) for _ in range(8)]
+    windows = [(readback_states(scorer.adapter, EXIT - 1, f.hidden), f.window.query.label_rows(),
+                scorer.head.ids[: len(f.window.kvs)], f.hidden[0, -1]) for f in frozen]
+    g = torch.Generator().manual_seed(1)
+    direction = torch.randn(model.config.text_config.hidden_size, generator=g) + 3 * windows[0][0].mean(0)  # a mean lens
+    args = (windows, model.get_input_embeddings().weight.detach(), scorer.adapter.norm.weight.detach())
+    raw = fit_readback(*args, relevance=direction, centre=False).relevance
+    centred = fit_readback(*args, relevance=direction).relevance
+    xl = torch.cat([w[0][w[1]] for w in windows])
+    assert torch.allclose(raw / raw.norm(), direction / direction.norm(), atol=1e-6)
+    assert abs(float((xl @ raw).std()) - 1.0) < 1e-4 and abs(float((xl @ centred).std()) - 1.0) < 1e-4
+    # centring takes most of the shared judgement out (exactly only where every row carries the states' mean once)
+    assert abs(float((xl @ centred).mean())) < abs(float((xl @ raw).mean())) / 2, (centred, raw)

@@ -87,13 +87,13 @@ class ListwiseReranker(Reranker):
                         quantization_config: Any = None, revision: str | None = None, token: str | bool | None = None,
                         trust_remote_code: bool | None = None, attn_implementation: str | None = None,
                         **kwargs) -> ListwiseReranker:
-        """Load a Qwen-VL checkpoint (by path, hub id, or None: the listwise model shipped in the package) like
-        MiniReranker (the same loading arguments go to transformers when given).
+        """Load a Qwen-VL checkpoint (by path, hub id, or None: the listwise model shipped in the package for
+        `mode`) like MiniReranker (the same loading arguments go to transformers when given).
 
         A checkpoint saved with listwise settings (`save_pretrained`, the listwise training stage, the shipped
         model) runs the config it was trained with for `mode` ("single_pass" / "cached"; default: its saved mode)
         and its prompt, unless `config` / `template=` are given; otherwise ListwiseConfig(mode=mode) defaults."""
-        name = default_listwise_path() if path_or_id is None else path_or_id
+        name = default_listwise_path(mode or (config.mode if config else None)) if path_or_id is None else path_or_id
         saved = read_listwise_settings(name)
         if config is None:
             config = saved.config(mode) if saved is not None else ListwiseConfig(mode=mode or "single_pass")
@@ -200,8 +200,12 @@ class ListwiseReranker(Reranker):
         return single_pass_logits(a, seqs, self.head, cfg.readout)
 
 
-def default_listwise_path() -> str | None:
-    """The listwise model shipped in the package when it is installed, else None (the default point-wise model)."""
-    from ...defaults import DEFAULT_LISTWISE_DIR
+def default_listwise_path(mode: str | None = None) -> str | None:
+    """The listwise model shipped in the package for `mode` when it is installed (for "single_pass" the single-pass
+    model, else the cached-layout one), else None (the default point-wise model)."""
+    from ...defaults import DEFAULT_LISTWISE_DIR, DEFAULT_LISTWISE_SINGLE_PASS_DIR
+
+    if mode == "single_pass" and (DEFAULT_LISTWISE_SINGLE_PASS_DIR / "config.json").is_file():
+        return str(DEFAULT_LISTWISE_SINGLE_PASS_DIR)
 
     return str(DEFAULT_LISTWISE_DIR) if (DEFAULT_LISTWISE_DIR / "config.json").is_file() else None
