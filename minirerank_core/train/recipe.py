@@ -88,7 +88,8 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--template", "readback", "--single-pass-aux", "relevance", "--aux-weight", "1",
           "--bind-layer", str(SINGLE["bind_layer"]), "--label-weight", "0", "--distill-weight", "0",
           "--lr", str(SINGLE["lr"]), "--warmup", s(20, 1), "--steps", s(SINGLE["steps"], 2),
-          "--window", s(SINGLE["window"], 4), "--min-window", s(SINGLE["min_window"], 3), "--ckpt-every", "300"]
+          "--window", s(SINGLE["window"], 4), "--min-window", s(SINGLE["min_window"], 3), "--ckpt-every", "300",
+          "--mined", str(run / "listwise" / "mined_negatives.json")]  # the listwise stage's, mined once
          + (["--eval-queries", "4"] if smoke else ["--eval-queries", "30"])),
         ("single-head", run / "single-head", None,
          ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "single-train" / "final"),
@@ -96,7 +97,8 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--out", str(run / "single-head"), "--layouts", "single_pass", "--keep-ratio", str(SINGLE["keep_ratio"]),
           "--template", "readback", "--readback-init", s(SINGLE["readback_init"], 2), "--readback-relevance", "1.0",
           "--readout", "labels", "--readback-uncentred", "--distill-weight", "0", "--steps", "0",
-          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3)]
+          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3),
+          "--mined", str(run / "listwise" / "mined_negatives.json")]
          + (["--eval-queries", "4"] if smoke else ["--eval-queries", "60"])),
     ]
 
