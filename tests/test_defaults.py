@@ -93,7 +93,6 @@ def test_shipped_listwise_model_is_the_default_and_ranks_first_stage_candidates(
     from safetensors.torch import load_file
 
     from minirerank_core import ListwiseReranker
-    from minirerank_core.retrieval import FirstStage
     from minirerank_core.train.listwise import READBACK_TEMPLATE
 
     lw = ListwiseReranker.from_pretrained()
@@ -109,17 +108,7 @@ def test_shipped_listwise_model_is_the_default_and_ranks_first_stage_candidates(
     assert frozen and all(same(k) for k in frozen)
     assert any(not same(k) for k in student if layer(k) == 7)
 
-    from minirerank_core import Page
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    mini = MiniReranker.from_pretrained()
-    first_stage = FirstStage.from_pretrained(defaults.DEFAULT_EMBEDDER_DIR, reranker=mini)
-    first_stage.add([Page(p, id=p.stem) for p in defaults.sample_pages()])
-    q = defaults.sample_queries()[0]
-    cands = first_stage.candidates(q["query"], 10, mini)
-    res = lw.rerank(q["query"], cands)
-    assert sorted(r.page_id for r in res) == sorted(c.page_id for c in cands)
-    assert all(r.score == r.score for r in res) and len({round(r.score, 4) for r in res}) > 1
+    _ranks_the_sample_corpus_candidates(lw)
 
 
 @pytest.mark.skipif(not (defaults.DEFAULT_LISTWISE_SINGLE_PASS_DIR / "model.safetensors").exists(),
@@ -131,8 +120,7 @@ def test_shipped_single_pass_model_is_the_single_pass_default(monkeypatch):
     import warnings
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from minirerank_core import ListwiseReranker, Page, UntrainedLayoutWarning
-    from minirerank_core.retrieval import FirstStage
+    from minirerank_core import ListwiseReranker, UntrainedLayoutWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedLayoutWarning)
@@ -141,12 +129,20 @@ def test_shipped_single_pass_model_is_the_single_pass_default(monkeypatch):
     c = lw.config
     assert (c.mode, c.keep_ratio, c.prune_by, c.readout) == ("single_pass", 0.5, "qiei", "labels")
     assert ListwiseReranker.from_pretrained().name == str(defaults.DEFAULT_LISTWISE_DIR)  # the default stays cached
+    _ranks_the_sample_corpus_candidates(lw)
+
+
+def _ranks_the_sample_corpus_candidates(reranker) -> None:
+    """`reranker` reorders the first stage's top 10 of the sample corpus (with its maps) into distinct scores."""
+    from minirerank_core import Page
+    from minirerank_core.retrieval import FirstStage
+
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     mini = MiniReranker.from_pretrained()
     first_stage = FirstStage.from_pretrained(defaults.DEFAULT_EMBEDDER_DIR, reranker=mini)
     first_stage.add([Page(p, id=p.stem) for p in defaults.sample_pages()])
     q = defaults.sample_queries()[0]
     cands = first_stage.candidates(q["query"], 10, mini)
-    res = lw.rerank(q["query"], cands)
+    res = reranker.rerank(q["query"], cands)
     assert sorted(r.page_id for r in res) == sorted(c.page_id for c in cands)
     assert all(r.score == r.score for r in res) and len({round(r.score, 4) for r in res}) > 1
