@@ -176,19 +176,14 @@ def main(argv=None) -> None:
                    **{**saved.extra, "embedder": "../embedder", "trained_by": "minirerank_core.train (see MODEL_CARD.md)"})
     sizes = verify_offline(rdir, edir)
     dirs = [rdir, tdir, edir]
-    if (args.run / "listwise" / "final").exists():
-        ds = DataSet(args.data)
-        ldir = args.assets / "listwise"
-        check = [ds.image(p) for p in ds.page_ids("test")[:8]]
-        sizes["listwise"] = export_listwise(args.run / "listwise" / "final", ldir, check_images=check)
-        dirs.append(ldir)
-    if (args.run / "single-head" / "final").exists():
-        ds = DataSet(args.data)
-        sdir = args.assets / "listwise_single_pass"
-        check = [ds.image(p) for p in ds.page_ids("test")[:8]]
-        sizes["listwise_single_pass"] = export_listwise(args.run / "single-head" / "final", sdir, check_images=check)
-        dirs.append(sdir)
-    summary = build_sample_corpus(DataSet(args.data), args.assets / "sample_corpus", rdir, edir, args.sample_pages, args.sample_docs)
+    ds = DataSet(args.data)
+    check = None  # the same 8 test pages check every listwise export
+    for stage, asset in (("listwise", "listwise"), ("single-head", "listwise_single_pass")):
+        if (args.run / stage / "final").exists():
+            check = check or [ds.image(p) for p in ds.page_ids("test")[:8]]
+            sizes[asset] = export_listwise(args.run / stage / "final", args.assets / asset, check_images=check)
+            dirs.append(args.assets / asset)
+    summary = build_sample_corpus(ds, args.assets / "sample_corpus", rdir, edir, args.sample_pages, args.sample_docs)
     mb = {d.name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for d in (*dirs, args.assets / "sample_corpus")}
     print(json.dumps({"sizes_mb": mb, **sizes, "sample": summary}))
 

@@ -892,7 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "every step)")
     ap.add_argument("--readback-init", type=int, default=0, metavar="N",
                     help="set the cached layout's last layer to an analytic read-back head fitted on the init's states "
-                         "of the first N training windows (train/readback.py), then train (cached layout only)")
+                         "of the first N training windows (train/readback.py), then train (cached layout only; or "
+                         "the single-pass layout alone, its head in the model's last layer)")
     ap.add_argument("--readback-relevance", type=float, default=0.0, metavar="C",
                     help="--readback-init: also key the head on each label's own yes/no judgement at this weight, so "
                          "that \"[\" reads the labels of the pages judged relevant most (0: the labels evenly)")
