@@ -201,3 +201,16 @@ def run_layers(adapter, hidden, cos_sin, mask, layers: range, cache: PastKV, dee
         if deepstack is not None:
             hidden = adapter.inject_deepstack(i, hidden, *deepstack)
     return hidden
+
+
+def run_layer_tail(adapter, i: int, hidden: torch.Tensor, cos_sin, mask, cache: PastKV, n_last: int) -> torch.Tensor:
+    """LM decoder layer i over `hidden` (B, S, H), returning only the last `n_last` rows' outputs (B, n_last, H).
+
+    Every row still attends and so reaches `cache` (its keys and values are what later rows need); the MLP, most of
+    a layer's cost, runs on the returned rows alone. The steps are the Qwen-VL decoder layers' own (pre-norm
+    attention, residual, pre-norm MLP, residual); tests/engine check it against the layer's forward per family."""
+    layer = adapter.layers[i]
+    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                              position_embeddings=cos_sin, past_key_values=cache)
+    h = (hidden + attn)[:, hidden.shape[1] - n_last :]
+    return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -65,7 +65,7 @@ from ..engine.prefill import prefill_pages, prefix_kv, tokenize
 from ..engine.prompt import DEFAULT_TEMPLATE, YesNoHead, label_token_id
 from ..engine.scorer import kept_rows
 from ..fileio import format_tag, read_json, write_json
-from ..rerankers.listwise.cached import CachedWindow, cached_states, cached_window, readout_layer
+from ..rerankers.listwise.cached import CachedWindow, cached_answer, cached_states, cached_window, readout_layer
 from ..rerankers.listwise.config import RANKGPT_LABELS, ListwiseConfig
 from ..rerankers.listwise.prompt import DEFAULT_LISTWISE_TEMPLATE, LabelHead, ListwiseTemplate, single_token_ids
 from ..rerankers.listwise.settings import listwise_settings, write_listwise_settings
@@ -245,20 +245,20 @@ class ListwiseScorer:
 
     def _cached_run(self, f: FrozenWindow, tap_layer: int | None) -> WindowOutput:
         pk = prefix_kv(self.adapter, self.prefix_ids, f.exit_layer)
-        tap = LayerTap(self.adapter, tap_layer) if tap_layer is not None else None  # after the prefills: query rows only
-        try:
-            hidden = cached_states(self.adapter, pk, [f.window], range(f.split, f.exit_layer), f.band, f.hidden,
-                                   readout_at=readout_layer(self.readout, f.exit_layer))
-        finally:
-            if tap is not None:
-                tap.close()
-        n = len(f.window.kvs)
-        logits = self._window_logits(self.head(self.adapter.norm(hidden[:, -1]))[0], n, f.labels)
-        if tap is None:
+        at = readout_layer(self.readout, f.exit_layer)
+        n, hidden, split = len(f.window.kvs), f.hidden, f.split
+        tapped = None
+        if tap_layer is not None:  # the query states after the tap layer: run up to it, then on from there
+            if not f.split <= tap_layer < f.exit_layer:
+                raise ValueError(f"tap layer {tap_layer} is outside the layers run here [{f.split}, {f.exit_layer})")
+            hidden = tapped = cached_states(self.adapter, pk, [f.window], range(split, tap_layer + 1), f.band, hidden,
+                                            readout_at=at)
+            split = tap_layer + 1
+        answer = cached_answer(self.adapter, pk, [f.window], range(split, f.exit_layer), f.band, hidden, readout_at=at)
+        logits = self._window_logits(self.head(self.adapter.norm(answer))[0], n, f.labels)
+        if tapped is None:
             return WindowOutput(logits)
-        if tap.out is None:
-            raise ValueError(f"tap layer {tap_layer} is below the frozen split {f.split}")
-        return WindowOutput(logits, tap.out[0, f.window.query.label_rows()], torch.arange(n))
+        return WindowOutput(logits, tapped[0, f.window.query.label_rows()], torch.arange(n))
 
     def _window_logits(self, logits: torch.Tensor, n: int, labels: Sequence[str] | None) -> torch.Tensor:
         """The pages' scores (n,) in the default labelling; with explicit `labels`, every label's logit."""

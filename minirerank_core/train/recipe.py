@@ -36,13 +36,29 @@ TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "
 # layer further lowered validation nDCG@5 (docs/DESIGN.md, listwise training).
 LISTWISE = dict(steps=0, readback_init=60, readback_relevance=1.0, freeze_below=7, window=20, min_window=4)
 # The single-pass model: the student's label tokens trained in the single pass (the relevance loss, no loss at "["),
+# then on from there with the dense teacher's order distilled at the label tokens (RankNet + soft ranking, lr 3e-5),
 # then the read-back head fitted on single-pass windows with the read-out mask and an uncentred key.
-SINGLE = dict(steps=1800, lr=5e-5, window=10, min_window=4, keep_ratio=0.5, bind_layer=6, readback_init=60)
+SINGLE = dict(steps=1800, lr=5e-5, window=10, min_window=4, keep_ratio=0.5, bind_layer=6, readback_init=60,
+              distill_steps=1800, distill_lr=3e-5)
 
 
 def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | None, list[str]]]:
     """(name, output directory, steps it must reach to count as done, module + arguments) per stage."""
     s = (lambda full, small: str(small if smoke else full))  # noqa: E731
+
+    def single_pass_stage(name: str, init: Path, *args: str, eval_queries: int) -> tuple:
+        """A listwise-stage run in the single-pass layout, on the listwise stage's mined negatives (mined once)."""
+        return (name, run / name, None,
+                ["minirerank_core.train.listwise", "--data", str(data), "--init", str(init),
+                 "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
+                 "--out", str(run / name), "--layouts", "single_pass", "--keep-ratio", str(SINGLE["keep_ratio"]),
+                 "--template", "readback", *args, "--mined", str(run / "listwise" / "mined_negatives.json"),
+                 "--eval-queries", "4" if smoke else str(eval_queries)])
+
+    # The single pass's label tokens trained by the relevance loss at each of them, no loss at "[".
+    label_tokens = ["--single-pass-aux", "relevance", "--aux-weight", "1", "--bind-layer", str(SINGLE["bind_layer"]),
+                    "--label-weight", "0", "--warmup", s(20, 1), "--window", s(SINGLE["window"], 4),
+                    "--min-window", s(SINGLE["min_window"], 3), "--ckpt-every", "300"]
     student = ["--exit-layer", str(STUDENT["exit_layer"]), "--band", *map(str, STUDENT["band"]),
                "--keep-ratio", str(STUDENT["keep_ratio"]), "--query-positions", "shared"]
     teacher = [
@@ -81,25 +97,14 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--pool", s(LISTWISE["readback_init"], 2), "--steps", str(LISTWISE["steps"]),
           "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3)]
          + (["--eval-queries", "4"] if smoke else ["--eval-queries", "60"])),
-        ("single-train", run / "single-train", None,
-         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "student" / "final"),
-          "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
-          "--out", str(run / "single-train"), "--layouts", "single_pass", "--keep-ratio", str(SINGLE["keep_ratio"]),
-          "--template", "readback", "--single-pass-aux", "relevance", "--aux-weight", "1",
-          "--bind-layer", str(SINGLE["bind_layer"]), "--label-weight", "0", "--distill-weight", "0",
-          "--lr", str(SINGLE["lr"]), "--warmup", s(20, 1), "--steps", s(SINGLE["steps"], 2),
-          "--window", s(SINGLE["window"], 4), "--min-window", s(SINGLE["min_window"], 3), "--ckpt-every", "300",
-          "--mined", str(run / "listwise" / "mined_negatives.json")]  # the listwise stage's, mined once
-         + (["--eval-queries", "4"] if smoke else ["--eval-queries", "30"])),
-        ("single-head", run / "single-head", None,
-         ["minirerank_core.train.listwise", "--data", str(data), "--init", str(run / "single-train" / "final"),
-          "--teacher", str(run / "teacher" / "final"), "--embedder", str(run / "embedder" / "final"),
-          "--out", str(run / "single-head"), "--layouts", "single_pass", "--keep-ratio", str(SINGLE["keep_ratio"]),
-          "--template", "readback", "--readback-init", s(SINGLE["readback_init"], 2), "--readback-relevance", "1.0",
-          "--readout", "labels", "--readback-uncentred", "--distill-weight", "0", "--steps", "0",
-          "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3),
-          "--mined", str(run / "listwise" / "mined_negatives.json")]
-         + (["--eval-queries", "4"] if smoke else ["--eval-queries", "60"])),
+        single_pass_stage("single-train", run / "student" / "final", *label_tokens, "--distill-weight", "0",
+                          "--lr", str(SINGLE["lr"]), "--steps", s(SINGLE["steps"], 2), eval_queries=30),
+        single_pass_stage("single-distill", run / "single-train" / "final", *label_tokens, "--distill-weight", "1",
+                          "--lr", str(SINGLE["distill_lr"]), "--steps", s(SINGLE["distill_steps"], 2), eval_queries=30),
+        single_pass_stage("single-head", run / "single-distill" / "final", "--readback-init", s(SINGLE["readback_init"], 2),
+                          "--readback-relevance", "1.0", "--readout", "labels", "--readback-uncentred",
+                          "--distill-weight", "0", "--steps", "0", "--window", s(LISTWISE["window"], 4),
+                          "--min-window", s(LISTWISE["min_window"], 3), eval_queries=60),
     ]
 
 

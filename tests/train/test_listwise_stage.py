@@ -386,7 +386,7 @@ def test_frozen_split_gives_the_whole_windows_logits_and_anchors(toy, split, rea
                                                         page_ids=ids, labels=list("QRST")))
         assert (other.logits[[16, 17, 18, 19]] - got.logits.detach()).abs().max() > 1e-4
     else:
-        with pytest.raises(ValueError, match="below the frozen split"):
+        with pytest.raises(ValueError, match="outside the layers run here"):
             scorer.cached_tail(frozen, tap_layer=3)
     with pytest.raises(ValueError, match="frozen split"):
         scorer.cached_frozen("thread lock", images, 4, (1, 3), 2, page_ids=ids)  # inside the band

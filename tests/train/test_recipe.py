@@ -304,7 +304,7 @@ def test_recipe_smoke_chains_every_stage_resumes_and_exports(tmp_path):
               if e.get("event") == "start"]
     assert starts == [0, 3]  # phase 2 continued from phase 1's checkpoint
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done, skipped") == 9, again.stdout  # 6 + 3 listwise
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 10, again.stdout  # 6 + 4 listwise
     export.main(["--run", str(run), "--data", str(run / "data"), "--assets", str(tmp_path / "assets"),
                  "--sample-pages", "4", "--sample-docs", "2"])
     saved = read_settings(tmp_path / "assets" / "reranker")

@@ -27,20 +27,29 @@ text, page i) alone (given Q's start position) — label i carries evidence abou
 the band, all pages) and its next-token logits over the label tokens "A", "B", … are the scores, read after
 the exit layer. Outside the band Q sees no page at all, which is why only band layers are cached.
 
-`engine`-style fast path below; `reference.cached_listwise_reference` runs the whole sequence with an
-explicit per-layer mask of the same semantics and must give the same logits.
+The fast path runs the table block by block instead of as one masked Q: per layer, H (all windows in one batch),
+then every L_i of every window as its own row of a batch (over P, its window's H and its page's rows), then T
+(over P, H, all of its window's L and pages). Each row attends over exactly the keys the table gives it, so this is
+the same computation as one Q under a mask, without the |Q| × (|Q| + |V|) scores that are almost all masked (20
+pages, 37-token label segments, 72 kept rows a page: 7× fewer scored pairs in the band, 5.6× outside it). Only
+"[" is read at the exit, and in the read-out layer it reads only the label rows, so `cached_answer` runs the layer
+before it to the end for the label rows and "[" alone (the other rows only pass on their keys and values) and the
+read-out layer on those rows alone (`answer_over_labels`). `reference.cached_listwise_reference` runs the whole sequence with an explicit per-layer
+mask of the same semantics and must give the same logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from ...engine.families import FamilyAdapter
-from ...engine.kv import PageKV, additive_mask, causal, prefix_past, run_layers
+from ...engine.kv import PageKV, PastKV, additive_mask, causal, run_layer_tail, run_layers
 from ...engine.prefill import text_positions
 from .prompt import CachedQuery, LabelHead, ListwiseTemplate, cached_query
+from .readout import answer_over_labels
 
 
 @dataclass
@@ -57,15 +66,6 @@ def cached_window(tokenizer, template: ListwiseTemplate, labels, answer_id: int,
     return CachedWindow(cached_query(tokenizer, template, query, tuple(labels)[: len(kvs)], answer_id), kvs, rows)
 
 
-def query_visibility(seg: torch.Tensor, owner: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool masks of Q rows over Q keys (Tq, Tq) and over band page rows (Tq, K), from the table above.
-    seg: Q token tags (-1 intro, i label of page i, n tail); owner: page of each gathered band row."""
-    tail = (seg == n)[:, None]
-    q_allowed = causal(len(seg), len(seg), seg.device) & ((seg[:, None] == seg[None, :]) | (seg[None, :] == -1) | tail)
-    v_allowed = (seg[:, None] == owner[None, :]) | tail
-    return q_allowed, v_allowed
-
-
 def readout_layer(readout: str, exit_layer: int) -> int | None:
     """The layer in which "[" reads the label rows only (readout="labels": the last before the exit), else None."""
     return exit_layer - 1 if readout == "labels" else None
@@ -80,10 +80,34 @@ def cached_logits(
     head: LabelHead,
     readout: str = "all",
 ) -> torch.Tensor:
-    """Label logits (B, n_labels) of each window. Windows are batched: Q left-padded, page rows right-padded."""
-    hidden = cached_states(adapter, prefix, windows, range(exit_layer), band,
-                           readout_at=readout_layer(readout, exit_layer))
-    return head(adapter.norm(hidden[:, -1]))
+    """Label logits (B, n_labels) of each window."""
+    return head(adapter.norm(cached_answer(adapter, prefix, windows, range(exit_layer), band,
+                                           readout_at=readout_layer(readout, exit_layer))))
+
+
+def cached_answer(
+    adapter: FamilyAdapter,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]],
+    windows: list[CachedWindow],
+    layers: range,
+    band: tuple[int, int],
+    hidden: torch.Tensor | None = None,
+    readout_at: int | None = None,
+) -> torch.Tensor:
+    """The answer token's state (B, H) after `layers` (which end at the exit), as cached_states would give it, but
+    computing only what "[" reads: with the read-out layer last in `layers`, the layer before it returns the label
+    rows and "[" alone (the other rows only pass on their keys and values), and the read-out layer runs on those rows
+    alone (`answer_over_labels`)."""
+    if readout_at is None or readout_at not in layers or readout_at != layers.stop - 1:
+        return cached_states(adapter, prefix, windows, layers, band, hidden, readout_at)[:, -1]
+    blocks, states = _run_blocks(adapter, prefix, windows, range(layers.start, readout_at), band, hidden,
+                                 last_rows_only=True)
+    # Per window: its label rows (each L block's last row) in label order, then "[" (T's last row).
+    slot = blocks.l_slot
+    rows = torch.cat([states["L"][:, -1][slot], states["T"][:, -1:]], 1)
+    positions = torch.cat([blocks.positions["L"][:, :, -1][:, slot], blocks.positions["T"][:, :, -1:]], 2)
+    label_rows = [torch.arange(len(w.kvs), device=adapter.device) for w in windows]
+    return answer_over_labels(adapter, rows, positions, label_rows, readout_at)
 
 
 def cached_states(
@@ -95,58 +119,164 @@ def cached_states(
     hidden: torch.Tensor | None = None,
     readout_at: int | None = None,
 ) -> torch.Tensor:
-    """Q's hidden states (B, Tq, H) after `layers`, from the token embeddings or, for layers starting above 0, from
-    `hidden` (the states entering layers.start, as an earlier call returned them for the same windows). Training
-    splits a window at a frozen layer this way: the frozen part runs once, the trained part every epoch.
-    readout_at: the layer in which the last row reads the label rows only (see `readout_layer`)."""
+    """Q's hidden states (B, Tq, H), Q left-padded, after `layers`, from the token embeddings or, for layers starting
+    above 0, from `hidden` (the states entering layers.start, as an earlier call returned them for the same windows).
+    Training splits a window at a frozen layer this way: the frozen part runs once, the trained part every epoch.
+    readout_at: the layer in which the last row reads the label rows only (see `readout_layer`). Padding rows of Q
+    come back as zeros."""
+    if readout_at is not None and readout_at in layers and band[0] <= readout_at < band[1]:
+        raise ValueError(f"the read-out layer {readout_at} lies inside the band {band}")
+    blocks, states = _run_blocks(adapter, prefix, windows, layers, band, hidden, readout_at)
+    out = None
+    for k in "HLT":
+        real = blocks.real[k]
+        if out is None:
+            out = states[k].new_zeros(len(windows), blocks.Tq, states[k].shape[2])
+        out = out.index_put((blocks.owner[k][:, None].expand_as(real)[real], blocks.index[k][real]), states[k][real])
+    return out
+
+
+def _run_blocks(adapter: FamilyAdapter, prefix, windows: list[CachedWindow], layers: range, band: tuple[int, int],
+                hidden: torch.Tensor | None, readout_at: int | None = None,
+                last_rows_only: bool = False) -> tuple["_Blocks", dict[str, torch.Tensor]]:
+    """Run `layers` block by block (module docstring); the states of each block kind, in its batch layout. With
+    last_rows_only, the last layer returns only each L and T block's last row and nothing of H."""
     if (hidden is None) != (layers.start == 0):
         raise ValueError("pass the entering hidden states exactly when the layers start above 0")
     device, dtype = adapter.device, adapter.dtype
-
-    B, P = len(windows), prefix[0][0].shape[2]
-    Tq = max(len(w.query.ids) for w in windows)
-    K = max(sum(len(r) for r in w.rows) for w in windows)
-    nb, kvh, _, d = windows[0].kvs[0].k.shape
-
-    ids = torch.zeros(B, Tq, dtype=torch.long, device=device)
-    positions = torch.zeros(3, B, Tq, dtype=torch.long, device=device)
-    band_k = torch.zeros(nb, B, kvh, K, d, dtype=dtype, device=device)
-    band_v = torch.zeros_like(band_k)
-    # Padding rows see only P; real rows never see padding.
-    see_v = torch.zeros(B, Tq, K, dtype=torch.bool, device=device)
-    see_q = torch.zeros(B, Tq, Tq, dtype=torch.bool, device=device)
-    for b, w in enumerate(windows):
-        t, pad = len(w.query.ids), Tq - len(w.query.ids)
-        ids[b, pad:] = w.query.ids
-        positions[:, b, pad:] = text_positions(max(kv.next_position for kv in w.kvs), t, device)
-        owner, start = [], 0
-        for i, (kv, r) in enumerate(zip(w.kvs, w.rows)):
-            band_k[:, b, :, start : start + len(r)] = kv.k[:, :, r].to(device, dtype)
-            band_v[:, b, :, start : start + len(r)] = kv.v[:, :, r].to(device, dtype)
-            owner.append(torch.full((len(r),), i))
-            start += len(r)
-        q_allowed, v_allowed = query_visibility(w.query.seg.to(device), torch.cat(owner).to(device), len(w.kvs))
-        see_v[b, pad:, :start] = v_allowed
-        see_q[b, pad:, pad:] = q_allowed
-    see_p = torch.ones(B, Tq, P, dtype=torch.bool, device=device)
-    mask_in = additive_mask(torch.cat([see_p, see_v, see_q], 2), dtype)
-    mask_out = additive_mask(torch.cat([see_p, see_q], 2), dtype)
-    mask_read = None
-    if readout_at is not None and readout_at in layers:
-        if band[0] <= readout_at < band[1]:
-            raise ValueError(f"the read-out layer {readout_at} lies inside the band {band}")
-        read_p, read_q = see_p.clone(), see_q.clone()
-        read_p[:, -1] = False
-        read_q[:, -1] = False
-        for b, w in enumerate(windows):
-            read_q[b, -1, Tq - len(w.query.ids) + w.query.label_rows().to(device)] = True
-        mask_read = additive_mask(torch.cat([read_p, read_q], 2), dtype)
-
-    cache = prefix_past(prefix, B, layers, band, band_k, band_v)
+    B, Tq = len(windows), max(len(w.query.ids) for w in windows)
     if hidden is None:
+        ids = torch.zeros(B, Tq, dtype=torch.long, device=device)
+        for b, w in enumerate(windows):
+            ids[b, Tq - len(w.query.ids):] = w.query.ids.to(device)
         hidden = adapter.embed(ids)
-    cos_sin = adapter.rotary(hidden, positions)
+    blocks = _Blocks(windows, Tq, prefix[0][0].shape[2], band, device, dtype)
+    states = {k: hidden[blocks.owner[k][:, None], blocks.index[k]] for k in "HLT"}
+    cos_sin = {k: adapter.rotary(hidden, blocks.positions[k]) for k in "HLT"}
     for l in layers:
-        mask = mask_in if band[0] <= l < band[1] else mask_read if l == readout_at else mask_out
-        hidden = run_layers(adapter, hidden, cos_sin, mask, range(l, l + 1), cache)
-    return hidden
+        in_band = band[0] <= l < band[1]
+        pk, pv = prefix[l]
+        rec = {}
+        for k in "HLT":
+            past = blocks.past(k, l, pk, pv, rec, in_band)
+            mask = blocks.masks[k, in_band, l == readout_at]
+            if last_rows_only and l == layers.stop - 1:
+                states[k] = run_layer_tail(adapter, l, states[k], cos_sin[k], mask, past, 0 if k == "H" else 1)
+            else:
+                states[k] = run_layers(adapter, states[k], cos_sin[k], mask, range(l, l + 1), past)
+            rec[k] = past.recorded[l]
+    return blocks, states
+
+
+def _query_positions(windows: list[CachedWindow], Tq: int, device) -> torch.Tensor:
+    """(3, B, Tq) positions of each left-padded Q: text positions after the window's longest page."""
+    positions = torch.zeros(3, len(windows), Tq, dtype=torch.long, device=device)
+    for b, w in enumerate(windows):
+        t = len(w.query.ids)
+        positions[:, b, Tq - t:] = text_positions(max(kv.next_position for kv in w.kvs), t, device)
+    return positions
+
+
+class _Blocks:
+    """The blocks of a batch of Q's (H per window, L per window and page, T per window), each block kind left-padded
+    into one batch, with the page rows each block reads and the masks of the table in the module docstring."""
+
+    def __init__(self, windows: list[CachedWindow], Tq: int, P: int, band: tuple[int, int], device, dtype):
+        self.band, self.dtype, self.Tq = band, dtype, Tq
+        # Q is H, L_0 … L_{n-1}, T in this order (cached_query): each block is a run of Q rows.
+        runs = {"H": [], "L": [], "T": []}  # (window, first Q row, length) per block row
+        for b, w in enumerate(windows):
+            n, pad = len(w.kvs), Tq - len(w.query.ids)
+            counts = torch.bincount(w.query.seg + 1, minlength=n + 2).tolist()
+            starts = [pad + x for x in accumulate([0] + counts[:-1])]
+            for kind, start, length in zip(["H"] + ["L"] * n + ["T"], starts, counts):
+                runs[kind].append((b, start, length))
+        qpos = _query_positions(windows, Tq, device)
+        self.owner, self.index, self.real, self.positions = {}, {}, {}, {}
+        for k, rs in runs.items():
+            owner, start, length = (torch.tensor(x, device=device) for x in zip(*rs))
+            col = torch.arange(int(length.max()), device=device)
+            lead = len(col) - length  # left padding of each block row
+            self.real[k] = col[None] >= lead[:, None]
+            self.index[k] = torch.where(self.real[k], start[:, None] + col[None] - lead[:, None], 0)
+            self.owner[k] = owner
+            self.positions[k] = qpos[:, owner[:, None], self.index[k]]
+
+        # Page rows: per L row its own page's kept rows; per window (T) all of its pages'. Right-padded.
+        nb, kvh, _, d = windows[0].kvs[0].k.shape
+        kept = [(kv, r) for w in windows for kv, r in zip(w.kvs, w.rows)]
+        page_n = [len(r) for _, r in kept]
+        win_n = [sum(len(r) for r in w.rows) for w in windows]
+        self.page_k = torch.zeros(nb, len(kept), kvh, max(page_n), d, dtype=dtype, device=device)
+        self.page_v = torch.zeros_like(self.page_k)
+        self.win_k = torch.zeros(nb, len(windows), kvh, max(win_n), d, dtype=dtype, device=device)
+        self.win_v = torch.zeros_like(self.win_k)
+        j = 0
+        for b, w in enumerate(windows):
+            start = 0
+            for kv, r in zip(w.kvs, w.rows):
+                k, v = kv.rows(r, device, dtype)
+                self.page_k[:, j, :, : len(r)], self.page_v[:, j, :, : len(r)] = k, v
+                self.win_k[:, b, :, start : start + len(r)], self.win_v[:, b, :, start : start + len(r)] = k, v
+                start, j = start + len(r), j + 1
+        page_real = torch.arange(max(page_n), device=device)[None] < torch.tensor(page_n, device=device)[:, None]
+        win_real = torch.arange(max(win_n), device=device)[None] < torch.tensor(win_n, device=device)[:, None]
+
+        # Keys of each block kind, in the order `past` concatenates them: P, [H], [L of the window], [pages], self.
+        # A padding row sees P alone (never a fully masked row); a real row never sees padding.
+        def allowed(k: str, sources: list[torch.Tensor]) -> torch.Tensor:
+            real = self.real[k]
+            own = causal(real.shape[1], real.shape[1], device)[None] & real[:, None, :]
+            keys = torch.cat([torch.ones(len(real), P, dtype=torch.bool, device=device)] + sources, 1)
+            keys = keys[:, None, :].expand(-1, real.shape[1], -1)
+            full = torch.cat([keys, own], 2)
+            pad_row = torch.zeros_like(full)
+            pad_row[:, :, :P] = True
+            return torch.where(real[:, :, None], full, pad_row)
+
+        h_real = self.real["H"]
+        # A window's L blocks side by side: (B, n_max * width_L); label rows are each block's last column.
+        n_max = max(len(w.kvs) for w in windows)
+        wl = self.real["L"].shape[1]
+        self.l_used = torch.zeros(len(windows), n_max, dtype=torch.bool, device=device)
+        self.l_slot = torch.zeros(len(windows), n_max, dtype=torch.long, device=device)  # L batch row of (b, i); 0 unused
+        j = 0
+        for b, w in enumerate(windows):
+            n = len(w.kvs)
+            self.l_used[b, :n], self.l_slot[b, :n], j = True, torch.arange(j, j + n, device=device), j + n
+        l_real = (self.real["L"][self.l_slot] & self.l_used[:, :, None]).flatten(1)
+        l_owner = self.owner["L"]
+        self.masks = {}
+        for in_band in (False, True):
+            self.masks["H", in_band, False] = additive_mask(allowed("H", []), dtype)
+            self.masks["L", in_band, False] = additive_mask(
+                allowed("L", [h_real[l_owner]] + ([page_real] if in_band else [])), dtype)
+            t = allowed("T", [h_real, l_real] + ([win_real] if in_band else []))
+            self.masks["T", in_band, False] = additive_mask(t, dtype)
+            read = t.clone()
+            read[:, -1] = False
+            label_cols = P + h_real.shape[1] + torch.arange(n_max, device=device) * wl + wl - 1
+            read[:, -1, label_cols] = self.l_used
+            self.masks["T", in_band, True] = additive_mask(read, dtype)
+            for k in "HL":
+                self.masks[k, in_band, True] = self.masks[k, in_band, False]
+
+    def past(self, k: str, l: int, pk: torch.Tensor, pv: torch.Tensor, rec: dict, in_band: bool) -> PastKV:
+        """Past keys/values of block kind k in layer l: P, then what the table lets k see (rec: the keys/values the
+        earlier kinds recorded in this layer)."""
+        n = len(self.owner[k])
+        keys, values = [pk.expand(n, -1, -1, -1)], [pv.expand(n, -1, -1, -1)]
+        if k in "LT":
+            hk, hv = rec["H"]
+            sel = self.owner[k]
+            keys.append(hk[sel]), values.append(hv[sel])
+        if k == "T":
+            lk, lv = rec["L"]
+            # (B, kvh, n_max * width, d): each window's L blocks in label order (unused slots repeat row 0, masked)
+            for src, dst in ((lk, keys), (lv, values)):
+                x = src[self.l_slot]  # (B, n_max, kvh, w, d)
+                dst.append(x.transpose(1, 2).flatten(2, 3))
+        if in_band and k in "LT":
+            pages = (self.page_k, self.page_v) if k == "L" else (self.win_k, self.win_v)
+            keys.append(pages[0][l - self.band[0]]), values.append(pages[1][l - self.band[0]])
+        return PastKV({l: (torch.cat(keys, 2), torch.cat(values, 2))}, record={l})

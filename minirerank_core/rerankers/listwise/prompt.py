@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ...engine.prefill import tokenize
 from ...engine.prompt import VISION_SEGMENT, label_token_id
 from ...errors import ConfigError
 
@@ -136,10 +135,11 @@ class CachedQuery:
 
 def cached_query(tokenizer, template: ListwiseTemplate, query: str, labels, answer_id: int) -> CachedQuery:
     n = len(labels)
-    # Each piece is tokenised on its own, so a label run is exactly the tokens of its label text.
-    pieces = [tokenize(tokenizer, template.intro.format(n=n, query=query))]
-    pieces += [tokenize(tokenizer, template.cached_label_text(x, query, n)) for x in labels]
-    pieces.append(torch.cat([tokenize(tokenizer, template.instruction.format(n=n, query=query)), torch.tensor([answer_id])]))
+    # Each piece is tokenised on its own (in one batch call), so a label run is exactly the tokens of its label text.
+    texts = [template.intro.format(n=n, query=query), *(template.cached_label_text(x, query, n) for x in labels),
+             template.instruction.format(n=n, query=query)]
+    pieces = [torch.tensor(ids, dtype=torch.long) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    pieces[-1] = torch.cat([pieces[-1], torch.tensor([answer_id])])
     seg = torch.cat([torch.full((len(p),), tag) for tag, p in zip(range(-1, n + 1), pieces)])
     return CachedQuery(torch.cat(pieces), seg)
 

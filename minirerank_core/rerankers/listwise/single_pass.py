@@ -23,6 +23,7 @@ from ...engine.families import FamilyAdapter, VisualFeatures
 from ...engine.kv import PastKV, additive_mask, causal, run_layers
 from ...engine.prefill import image_inputs, select_top
 from .prompt import LabelHead, ListwiseTemplate, SinglePassPrompt, single_pass_prompt
+from .readout import answer_over_labels
 
 _CAUSAL_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3")  # apply causality when given no mask
 
@@ -145,16 +146,5 @@ def single_pass_logits(adapter: FamilyAdapter, seqs: list[PrunedSequence], head:
     if deepstack is not None and n_ds > last:
         raise ValueError("readout='labels': deepstack features reach the read-out layer")
     hidden = run_layers(adapter, hidden, cos_sin, mask, range(last), PastKV(), deepstack)
-    n = max(len(s.label_rows) for s in seqs) + 1  # label rows, then the answer token; left-padded
-    sub = torch.zeros(B, n, adapter.hidden_size, dtype=dtype, device=device)
-    sub_pos = torch.zeros(3, B, n, dtype=torch.long, device=device)
-    allowed = torch.eye(n, dtype=torch.bool, device=device).repeat(B, 1, 1)  # rows other than the answer: unread
-    for b, s in enumerate(seqs):
-        rows = torch.cat([s.label_rows.to(device) + (S - s.embeds.shape[0]), torch.tensor([S - 1], device=device)])
-        off = n - len(rows)
-        sub[b, off:], sub_pos[:, b, off:] = hidden[b, rows], positions[:, b, rows]
-        allowed[b, -1] = False
-        allowed[b, -1, off : n - 1] = True
-    hidden = run_layers(adapter, sub, adapter.rotary(sub, sub_pos), additive_mask(allowed, dtype), range(last, last + 1),
-                        PastKV())
-    return head(adapter.norm(hidden[:, -1]))
+    label_rows = [s.label_rows.to(device) + (S - s.embeds.shape[0]) for s in seqs]
+    return head(adapter.norm(answer_over_labels(adapter, hidden, positions, label_rows, last)))

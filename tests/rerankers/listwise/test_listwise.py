@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from minirerank_core import ConfigError, DuplicatePageIdError, EmptyCandidatesError, InvalidQueryError, Page
 from minirerank_core import testing as T
 from minirerank_core.rerankers.listwise import ListwiseConfig, ListwiseReranker, sliding_rerank, window_schedule
-from minirerank_core.rerankers.listwise.cached import CachedWindow, cached_logits
+from minirerank_core.rerankers.listwise.cached import CachedWindow, cached_answer, cached_states
 from minirerank_core.rerankers.listwise.prompt import cached_query, single_pass_prompt
 from minirerank_core.rerankers.listwise.reference import cached_listwise_reference
 from minirerank_core.rerankers.listwise.single_pass import pruned_sequence
@@ -386,20 +386,36 @@ def test_cached_label_binding_sees_only_its_own_page(tiny, images):
     r = ListwiseReranker(model, proc, ListwiseConfig(mode="cached", exit_layer=5, band=(1, 4)))
     q = cached_query(proc.tokenizer, r.template, QUERY, r.config.labels[:3], r.answer_id)
     out = []
-    hook = r.adapter.layers[4].register_forward_hook(lambda m, i, o: out.append((o[0] if isinstance(o, tuple) else o)[0].clone()))
-    try:
-        for imgs in (images[:3], [images[0], T.random_page_image(120, 260, seed=99), images[2]]):
-            kvs = r.index(pages_of(imgs))
-            with torch.no_grad():
-                cached_logits(r.adapter, r.pages.prefix_kv(r.config.exit_layer), [CachedWindow(q, kvs, [torch.arange(kv.k.shape[2]) for kv in kvs])],
-                              5, (1, 4), r.head)
-    finally:
-        hook.remove()
+    for imgs in (images[:3], [images[0], T.random_page_image(120, 260, seed=99), images[2]]):
+        kvs = r.index(pages_of(imgs))
+        with torch.no_grad():
+            out.append(cached_states(r.adapter, r.pages.prefix_kv(r.config.exit_layer),
+                                     [CachedWindow(q, kvs, [torch.arange(kv.k.shape[2]) for kv in kvs])],
+                                     range(5), (1, 4))[0])
     diff = (out[0] - out[1]).abs().amax(-1)
     seg = q.seg
     assert float(diff[(seg == -1) | (seg == 0)].max()) < 1e-6
     assert float(diff[seg == 1].min()) > 1e-4 and float(diff[seg == 3].min()) > 1e-4
     assert float(diff[seg == 2].max()) < 1e-6  # label 2 does not see page 1 either
+
+
+def test_cached_answer_equals_the_whole_query_states(tiny, images):
+    """The inference path (the layer before the read-out returns the label rows and "[" alone, the read-out layer
+    runs on them alone) gives the answer state of the full block-by-block run, for a batch of windows with
+    different numbers of pages and query lengths."""
+    model, proc = tiny("qwen3_vl")
+    r = ListwiseReranker(model, proc, ListwiseConfig(mode="cached", exit_layer=5, band=(1, 4), readout="labels"))
+    kvs = r.index(pages_of(images))
+    windows = [CachedWindow(cached_query(proc.tokenizer, r.template, q, r.config.labels[:n], r.answer_id), kvs[:n],
+                            [torch.arange(kv.k.shape[2])[::2] for kv in kvs[:n]])
+               for q, n in ((QUERY, len(images)), ("figure of the results table", 2))]
+    prefix = r.pages.prefix_kv(5)
+    with torch.no_grad():
+        whole = cached_states(r.adapter, prefix, windows, range(5), (1, 4), readout_at=4)[:, -1]
+        fast = cached_answer(r.adapter, prefix, windows, range(5), (1, 4), readout_at=4)
+        plain = cached_answer(r.adapter, prefix, windows, range(5), (1, 4))  # no read-out layer
+    assert torch.allclose(fast, whole, rtol=1e-4, atol=1e-5)
+    assert (plain - whole).abs().max() > 1e-3  # the check can fail: the read-out mask matters
 
 
 def test_cached_label_with_the_query_equals_its_reference(tiny, images):
