@@ -127,11 +127,9 @@ def cached_states(
     if readout_at is not None and readout_at in layers and band[0] <= readout_at < band[1]:
         raise ValueError(f"the read-out layer {readout_at} lies inside the band {band}")
     blocks, states = _run_blocks(adapter, prefix, windows, layers, band, hidden, readout_at)
-    out = None
+    out = states["H"].new_zeros(len(windows), blocks.Tq, states["H"].shape[2])
     for k in "HLT":
         real = blocks.real[k]
-        if out is None:
-            out = states[k].new_zeros(len(windows), blocks.Tq, states[k].shape[2])
         out = out.index_put((blocks.owner[k][:, None].expand_as(real)[real], blocks.index[k][real]), states[k][real])
     return out
 
@@ -159,7 +157,7 @@ def _run_blocks(adapter: FamilyAdapter, prefix, windows: list[CachedWindow], lay
         rec = {}
         for k in "HLT":
             past = blocks.past(k, l, pk, pv, rec, in_band)
-            mask = blocks.masks[k, in_band, l == readout_at]
+            mask = blocks.masks[k, in_band, k == "T" and l == readout_at]  # only "[" (in T) reads out
             if last_rows_only and l == layers.stop - 1:
                 states[k] = run_layer_tail(adapter, l, states[k], cos_sin[k], mask, past, 0 if k == "H" else 1)
             else:
@@ -182,7 +180,7 @@ class _Blocks:
     into one batch, with the page rows each block reads and the masks of the table in the module docstring."""
 
     def __init__(self, windows: list[CachedWindow], Tq: int, P: int, band: tuple[int, int], device, dtype):
-        self.band, self.dtype, self.Tq = band, dtype, Tq
+        self.band, self.Tq = band, Tq
         # Q is H, L_0 … L_{n-1}, T in this order (cached_query): each block is a run of Q rows.
         runs = {"H": [], "L": [], "T": []}  # (window, first Q row, length) per block row
         for b, w in enumerate(windows):
@@ -258,8 +256,6 @@ class _Blocks:
             label_cols = P + h_real.shape[1] + torch.arange(n_max, device=device) * wl + wl - 1
             read[:, -1, label_cols] = self.l_used
             self.masks["T", in_band, True] = additive_mask(read, dtype)
-            for k in "HL":
-                self.masks[k, in_band, True] = self.masks[k, in_band, False]
 
     def past(self, k: str, l: int, pk: torch.Tensor, pv: torch.Tensor, rec: dict, in_band: bool) -> PastKV:
         """Past keys/values of block kind k in layer l: P, then what the table lets k see (rec: the keys/values the
