@@ -461,7 +461,7 @@ def window_loss(scores: torch.Tensor, positive: int | None, teacher: Sequence[fl
 
 def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], plans: Sequence[StepPlan],
                     query_of: dict[str, dict], importance, ds: DataSet, relevance_scale: float = 0.0,
-                    single_pass: int = 0, centre: bool = True):
+                    single_pass: int = 0, centre: bool = True, copy_scale: float = 3.0):
     """Fit and install the read-back head (train/readback.py) in the cached layout's last layer, from the
     current (init) states of these windows; with single_pass=N, also from the first N of them in the single-pass
     layout (all visual tokens), so that one head serves both layouts. A single-pass config alone: the head in the
@@ -475,7 +475,7 @@ def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], p
             ids = [plan.pages[i] for i in plan.orders[0]]
             single.append(scorer.single_pass_frozen(query_of[plan.qid]["query"], [ds.image(p) for p in ids], last,
                                                     cfg.keep_ratio))
-        return readback_init(scorer, [], relevance_scale, single, layer=last, centre=centre)
+        return readback_init(scorer, [], relevance_scale, single, layer=last, centre=centre, copy_scale=copy_scale)
     frozen, single = [], []
     for k, plan in enumerate(plans):
         q = query_of[plan.qid]
@@ -486,7 +486,7 @@ def fit_readback_on(scorer: ListwiseScorer, configs: Sequence[ListwiseConfig], p
                                            cfg.keep_ratio, imp, page_ids=ids))
         if k < single_pass:
             single.append(scorer.single_pass_frozen(q["query"], images, cfg.exit_layer - 1))
-    return readback_init(scorer, frozen, relevance_scale, single, centre=centre)
+    return readback_init(scorer, frozen, relevance_scale, single, centre=centre, copy_scale=copy_scale)
 
 
 def pool_indices(step: int, per_step: int, pool: int, seed: int) -> list[int]:
@@ -715,7 +715,8 @@ def train(args) -> dict:
             raise SystemExit(f"--readback-init {args.readback_init} needs that many windows; the run plans "
                              f"{len(planned)} (--pool / --steps x --windows-per-step)")
         fit = fit_readback_on(scorer, configs, planned[: args.readback_init], query_of, importance, ds,
-                              args.readback_relevance, args.readback_single_pass, not args.readback_uncentred)
+                              args.readback_relevance, args.readback_single_pass, not args.readback_uncentred,
+                              args.readback_copy_scale)
         log(event="readback_init", layer=n_layers - 1 if single_head else configs[0].exit_layer - 1,
             windows=args.readback_init,
             single_pass_windows=min(args.readback_single_pass, args.readback_init),
@@ -822,7 +823,7 @@ def train(args) -> dict:
                "init": str(args.init), "freeze_below": args.freeze_below, "curriculum": asdict(curriculum),
                "template": args.template, "readback_init": args.readback_init,
                "readback_relevance": args.readback_relevance, "readback_single_pass": args.readback_single_pass,
-               "readback_uncentred": args.readback_uncentred,
+               "readback_uncentred": args.readback_uncentred, "readback_copy_scale": args.readback_copy_scale,
                "pool": args.pool, "attn_scale": args.attn_scale,
                "copy_weight": args.copy_weight,
                "eval": f"val split, first-stage top {args.eval_candidates}, {len(val_q)} queries", **result}
@@ -901,6 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--readback-relevance: key on each label's judgement as it is, not centred over the label "
                          "rows (needs --readout labels; the single pass reads its labels back far better so: see "
                          "train/readback.fit_readback)")
+    ap.add_argument("--readback-copy-scale", type=float, default=3.0, metavar="G",
+                    help="--readback-init: a copied label's norm in units of the residual state's at \"[\" (larger: the "
+                         "label logits follow the attention over the labels more closely, less the state \"[\" "
+                         "brings in)")
     ap.add_argument("--readback-single-pass", type=int, default=0, metavar="N",
                     help="--readback-init: also fit the head on the first N of its windows in the single-pass layout "
                          "(unpruned), so that the one head reads labels back in both layouts (0: cached only)")

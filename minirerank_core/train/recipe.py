@@ -33,8 +33,10 @@ TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "
 # The listwise student (train.listwise): the point-wise student in the cached listwise layout (exit 8, the student's
 # band, keep 0.5 by the embedder's maps), its last layer set to the analytic read-back head keyed on each label's own
 # judgement, "[" reading the label tokens only in that layer (readout "labels"). No gradient steps: training that
-# layer further lowered validation nDCG@5 (docs/DESIGN.md, listwise training).
-LISTWISE = dict(steps=0, readback_init=60, readback_relevance=1.0, freeze_below=7, window=20, min_window=4)
+# layer further lowered validation nDCG@5 (docs/DESIGN.md, listwise training). Both listwise models' heads use the
+# same soft relevance key and large copy (the label logits then follow the attention over the labels).
+LISTWISE = dict(steps=0, readback_init=60, readback_relevance=0.5, readback_copy_scale=20.0, freeze_below=7, window=20,
+                min_window=4)
 # The single-pass model: the student's label tokens trained in the single pass (the relevance loss, no loss at "["),
 # then on from there with the dense teacher's order distilled at the label tokens (RankNet + soft ranking, lr 3e-5),
 # then the read-back head fitted on single-pass windows with the read-out mask and an uncentred key.
@@ -92,7 +94,8 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--out", str(run / "listwise"), "--layouts", "cached", "--cached-exit-layer", "8",
           "--cached-band", *map(str, STUDENT["band"]), "--cached-keep-ratio", str(STUDENT["keep_ratio"]),
           "--template", "readback", "--readback-init", s(LISTWISE["readback_init"], 2),
-          "--readback-relevance", str(LISTWISE["readback_relevance"]), "--readout", "labels",
+          "--readback-relevance", str(LISTWISE["readback_relevance"]),
+          "--readback-copy-scale", str(LISTWISE["readback_copy_scale"]), "--readout", "labels",
           "--freeze-below", str(LISTWISE["freeze_below"]), "--distill-weight", "0",
           "--pool", s(LISTWISE["readback_init"], 2), "--steps", str(LISTWISE["steps"]),
           "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3)]
@@ -102,7 +105,9 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
         single_pass_stage("single-distill", run / "single-train" / "final", *label_tokens, "--distill-weight", "1",
                           "--lr", str(SINGLE["distill_lr"]), "--steps", s(SINGLE["distill_steps"], 2), eval_queries=30),
         single_pass_stage("single-head", run / "single-distill" / "final", "--readback-init", s(SINGLE["readback_init"], 2),
-                          "--readback-relevance", "1.0", "--readout", "labels", "--readback-uncentred",
+                          "--readback-relevance", str(LISTWISE["readback_relevance"]),
+                          "--readback-copy-scale", str(LISTWISE["readback_copy_scale"]), "--readout", "labels",
+                          "--readback-uncentred",
                           "--distill-weight", "0", "--steps", "0", "--window", s(LISTWISE["window"], 4),
                           "--min-window", s(LISTWISE["min_window"], 3), eval_queries=60),
     ]

@@ -519,10 +519,14 @@ def test_stage_fits_a_single_pass_head_alone(toy, tmp_path):
 
     out = tmp_path / "single_head"
     L.main(_stage_args(toy, out, 0) + ["--layouts", "single_pass", "--distill-weight", "0", "--readback-init", "3",
-                                       "--readback-relevance", "1.0", "--readout", "labels", "--readback-uncentred"])
+                                       "--readback-relevance", "1.0", "--readout", "labels", "--readback-uncentred",
+                                       "--readback-copy-scale", "20"])
     events = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     (fit,) = [e for e in events if e.get("event") == "readback_init"]
     assert fit["layer"] == TINY.reranker.layers - 1 and fit["windows"] == 3
+    # readout "labels": the probe is fitted on the rows that layer reads, so it is ~1 on every label row
+    assert fit["probe_labels"] > 0.8, fit
+    assert read_settings(out / "final").extra["training"]["readback_copy_scale"] == 20.0
     final = load_file(str(out / "final" / "model.safetensors"))
     (key,) = [k for k in final if k.endswith(f"layers.{fit['layer']}.mlp.down_proj.weight")]
     assert float(final[key].abs().max()) == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from minirerank_core.rerankers.listwise.config import RANKGPT_LABELS
@@ -94,14 +95,18 @@ def test_relevance_keyed_head_reads_the_labels_scored_highest_first(toy):  # noq
         return float(torch.corrcoef(torch.stack([a.argsort().argsort().float(), b.argsort().argsort().float()]))[0, 1])
 
     got = {}
-    for scale, query in ((0.0, 1.0), (1.0, 1.0), (1.0, 2.0)):
-        install_readback(scorer.adapter, EXIT - 1, fit, relevance_scale=scale, relevance_query=query)
+    for scale, query, copy in ((0.0, 1.0, 3.0), (1.0, 1.0, 3.0), (1.0, 2.0, 3.0), (0.5, 1.0, 3.0), (0.5, 1.0, 20.0)):
+        install_readback(scorer.adapter, EXIT - 1, fit, relevance_scale=scale, relevance_query=query, copy_scale=copy)
         with torch.no_grad():
             logits = [scorer.cached_tail(f).logits for f in unseen]
-        got[scale, query] = (sum(int(x.argmax()) == int(s.argmax()) for x, s in zip(logits, scored)) / len(unseen),
-                             sum(spearman(x, s) for x, s in zip(logits, scored)) / len(unseen))
+        got[scale, query, copy] = (
+            sum(int(x.argmax()) == int(s.argmax()) for x, s in zip(logits, scored)) / len(unseen),
+            sum(spearman(x, s) for x, s in zip(logits, scored)) / len(unseen))
     # (top-1 agreement, rank correlation of the logits with the scores); measured 0/-0.63, 0.6/0.84, 0.85/0.79
-    assert got[0.0, 1.0][1] < 0.2 and got[1.0, 1.0][1] > 0.5 and got[1.0, 2.0][0] >= 0.6, got
+    assert got[0.0, 1.0, 3.0][1] < 0.2 and got[1.0, 1.0, 3.0][1] > 0.5 and got[1.0, 2.0, 3.0][0] >= 0.6, got
+    # a softer key ranks the labels by smaller attention differences; a larger copy keeps the state "[" brings in
+    # from blurring them (measured 0.61 -> 0.79)
+    assert got[0.5, 1.0, 20.0][1] > got[0.5, 1.0, 3.0][1] + 0.1, got
     lens = relevance_direction(scorer.adapter, EXIT - 1, *model.lm_head.weight.detach()[list(scorer.relevance.ids)])
     h = torch.randn(3, model.config.text_config.hidden_size)  # the lens is the yes/no head through the final norm
     want = scorer.relevance(scorer.adapter.norm(h))
@@ -130,3 +135,30 @@ def test_uncentred_relevance_is_the_direction_itself_and_ranks_the_rows_as_it_do
     assert abs(float((xl @ raw).std()) - 1.0) < 1e-4 and abs(float((xl @ centred).std()) - 1.0) < 1e-4
     # centring takes most of the shared judgement out (exactly only where every row carries the states' mean once)
     assert abs(float((xl @ centred).mean())) < abs(float((xl @ raw).mean())) / 2, (centred, raw)
+
+
+def test_probe_fitted_on_the_read_rows_is_even_on_the_label_rows(toy):  # noqa: F811
+    """fit_readback(probe_rows="labels"): the probe is fitted on the label rows and "[" only (what a read-out layer
+    with readout="labels" reads), so it is about 1 on every label row, where a probe that must also stay 0 on every
+    other row of the window is smaller and uneven there; readback_init picks it from scorer.readout."""
+    from minirerank_core.train.readback import readback_init
+
+    model, proc = _load(toy / "teacher")
+    scorer = L.ListwiseScorer(model, proc, L.READBACK_TEMPLATE)
+    scorer.frozen_kv = {}
+    rng = random.Random(5)
+    frozen = [_window(scorer, rng, rng.randint(3, 6)) for _ in range(8)]
+    windows = [(readback_states(scorer.adapter, EXIT - 1, f.hidden), f.window.query.label_rows(),
+                scorer.head.ids[: len(f.window.kvs)], f.hidden[0, -1]) for f in frozen]
+    args = (windows, model.get_input_embeddings().weight.detach(), scorer.adapter.norm.weight.detach())
+    xl = torch.cat([w[0][w[1]] for w in windows])
+    fits = {rows: fit_readback(*args, probe_rows=rows) for rows in ("all", "labels")}
+    spread = {rows: float((xl @ f.probe).std()) for rows, f in fits.items()}
+    assert abs(fits["labels"].probe_labels - 1.0) < abs(fits["all"].probe_labels - 1.0), fits
+    assert spread["labels"] < spread["all"], spread
+    with pytest.raises(ValueError, match="probe_rows"):
+        fit_readback(*args, probe_rows="every")
+    for readout, rows in (("labels", "labels"), ("all", "all")):
+        scorer.readout = readout
+        got = readback_init(scorer, frozen)
+        torch.testing.assert_close(got.probe, fits[rows].probe)
