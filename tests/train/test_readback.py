@@ -25,6 +25,18 @@ def _window(scorer, rng, n, labels=None):
                                 labels=labels)
 
 
+def _fit_windows(toy_dir, seed: int, n: int = 8):
+    """The toy teacher's scorer, n cached windows split at the read-back layer and their fit_readback inputs."""
+    model, proc = _load(toy_dir / "teacher")
+    scorer = L.ListwiseScorer(model, proc, L.READBACK_TEMPLATE)
+    scorer.frozen_kv = {}
+    rng = random.Random(seed)
+    frozen = [_window(scorer, rng, rng.randint(3, 6)) for _ in range(n)]
+    windows = [(readback_states(scorer.adapter, EXIT - 1, f.hidden), f.window.query.label_rows(),
+                scorer.head.ids[: len(f.window.kvs)], f.hidden[0, -1]) for f in frozen]
+    return model, scorer, frozen, windows
+
+
 def _copy_rate(scorer, seed, n_windows=24):
     rng = random.Random(seed)
     hits, losses = 0, []
@@ -118,13 +130,7 @@ def test_uncentred_relevance_is_the_direction_itself_and_ranks_the_rows_as_it_do
     """fit_readback(centre=False): the relevance key is the given direction, only scaled to unit spread over the label
     rows (so within any window it orders the label rows exactly as the direction does); the centred one subtracts
     the mean judgement along the states' mean, which reorders rows whose share of that mean differs."""
-    model, proc = _load(toy / "teacher")
-    scorer = L.ListwiseScorer(model, proc, L.READBACK_TEMPLATE)
-    scorer.frozen_kv = {}
-    rng = random.Random(3)
-    frozen = [_window(scorer, rng, rng.randint(3, 6)) for _ in range(8)]
-    windows = [(readback_states(scorer.adapter, EXIT - 1, f.hidden), f.window.query.label_rows(),
-                scorer.head.ids[: len(f.window.kvs)], f.hidden[0, -1]) for f in frozen]
+    model, scorer, frozen, windows = _fit_windows(toy, seed=3)
     g = torch.Generator().manual_seed(1)
     direction = torch.randn(model.config.text_config.hidden_size, generator=g) + 3 * windows[0][0].mean(0)  # a mean lens
     args = (windows, model.get_input_embeddings().weight.detach(), scorer.adapter.norm.weight.detach())
@@ -143,13 +149,7 @@ def test_probe_fitted_on_the_read_rows_is_even_on_the_label_rows(toy):  # noqa: 
     other row of the window is smaller and uneven there; readback_init picks it from scorer.readout."""
     from minirerank_core.train.readback import readback_init
 
-    model, proc = _load(toy / "teacher")
-    scorer = L.ListwiseScorer(model, proc, L.READBACK_TEMPLATE)
-    scorer.frozen_kv = {}
-    rng = random.Random(5)
-    frozen = [_window(scorer, rng, rng.randint(3, 6)) for _ in range(8)]
-    windows = [(readback_states(scorer.adapter, EXIT - 1, f.hidden), f.window.query.label_rows(),
-                scorer.head.ids[: len(f.window.kvs)], f.hidden[0, -1]) for f in frozen]
+    model, scorer, frozen, windows = _fit_windows(toy, seed=5)
     args = (windows, model.get_input_embeddings().weight.detach(), scorer.adapter.norm.weight.detach())
     xl = torch.cat([w[0][w[1]] for w in windows])
     fits = {rows: fit_readback(*args, probe_rows=rows) for rows in ("all", "labels")}
