@@ -73,11 +73,12 @@ def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[in
     xs = torch.cat([w[0] for w in windows])
     is_label = torch.cat([torch.zeros(len(w[0])).index_fill_(0, w[1], 1.0) for w in windows])
     eye = torch.eye(xs.shape[1])
-    read = torch.ones(len(xs), dtype=torch.bool)
+    xr, yr = xs, is_label  # the rows the probe is fitted on, and their targets
     if probe_rows == "labels":  # each window's label rows and its last row, "["
         read = torch.cat([torch.zeros(len(w[0]), dtype=torch.bool).index_fill_(0, w[1], True) for w in windows])
         read[torch.cumsum(torch.tensor([len(w[0]) for w in windows]), 0) - 1] = True
-    probe = torch.linalg.solve(xs[read].T @ xs[read] + ridge * eye, xs[read].T @ is_label[read])
+        xr, yr = xs[read], is_label[read]
+    probe = torch.linalg.solve(xr.T @ xr + ridge * eye, xr.T @ yr)
     xl = torch.cat([w[0][w[1]] for w in windows])
     ids = torch.cat([torch.as_tensor(list(w[2])) for w in windows])
     # A copied label must raise its own logit and no other label's: the labels' logit directions through the final
@@ -90,7 +91,7 @@ def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[in
     targets = dual.T[index]
     targets = targets / targets.norm(dim=1).mean()
     copy = (targets.T @ xl) @ torch.linalg.inv(xl.T @ xl + ridge * eye)
-    values = xs[read] @ probe
+    values = xr @ probe
     if relevance is not None:
         # Centred on the label rows (the mean comes out along the states' mean, which every normed row carries about
         # once) and scaled to unit spread there.
@@ -101,7 +102,7 @@ def fit_readback(windows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[in
     return ReadbackFit(probe, torch.stack([w[0][-1] for w in windows]).mean(0), copy,
                        float(torch.stack([w[3] for w in windows]).float().norm(dim=1).mean()),
                        float(xs.norm(dim=1).mean()), float((xl @ copy.T).norm(dim=1).mean()),
-                       float(values[is_label[read] == 1].mean()), float(values[is_label[read] == 0].mean()), relevance)
+                       float(values[yr == 1].mean()), float(values[yr == 0].mean()), relevance)
 
 
 def relevance_direction(adapter, layer: int, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

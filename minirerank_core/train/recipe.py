@@ -61,6 +61,9 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
     label_tokens = ["--single-pass-aux", "relevance", "--aux-weight", "1", "--bind-layer", str(SINGLE["bind_layer"]),
                     "--label-weight", "0", "--warmup", s(20, 1), "--window", s(SINGLE["window"], 4),
                     "--min-window", s(SINGLE["min_window"], 3), "--ckpt-every", "300"]
+    # Both listwise models' read-back heads (one setting), "[" reading the label rows alone in that layer.
+    readback_head = ["--readback-relevance", str(LISTWISE["readback_relevance"]),
+                     "--readback-copy-scale", str(LISTWISE["readback_copy_scale"]), "--readout", "labels"]
     student = ["--exit-layer", str(STUDENT["exit_layer"]), "--band", *map(str, STUDENT["band"]),
                "--keep-ratio", str(STUDENT["keep_ratio"]), "--query-positions", "shared"]
     teacher = [
@@ -94,9 +97,7 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
           "--out", str(run / "listwise"), "--layouts", "cached", "--cached-exit-layer", "8",
           "--cached-band", *map(str, STUDENT["band"]), "--cached-keep-ratio", str(STUDENT["keep_ratio"]),
           "--template", "readback", "--readback-init", s(LISTWISE["readback_init"], 2),
-          "--readback-relevance", str(LISTWISE["readback_relevance"]),
-          "--readback-copy-scale", str(LISTWISE["readback_copy_scale"]), "--readout", "labels",
-          "--freeze-below", str(LISTWISE["freeze_below"]), "--distill-weight", "0",
+          *readback_head, "--freeze-below", str(LISTWISE["freeze_below"]), "--distill-weight", "0",
           "--pool", s(LISTWISE["readback_init"], 2), "--steps", str(LISTWISE["steps"]),
           "--window", s(LISTWISE["window"], 4), "--min-window", s(LISTWISE["min_window"], 3)]
          + (["--eval-queries", "4"] if smoke else ["--eval-queries", "60"])),
@@ -105,9 +106,7 @@ def stages(run: Path, data: Path, smoke: bool) -> list[tuple[str, Path, int | No
         single_pass_stage("single-distill", run / "single-train" / "final", *label_tokens, "--distill-weight", "1",
                           "--lr", str(SINGLE["distill_lr"]), "--steps", s(SINGLE["distill_steps"], 2), eval_queries=30),
         single_pass_stage("single-head", run / "single-distill" / "final", "--readback-init", s(SINGLE["readback_init"], 2),
-                          "--readback-relevance", str(LISTWISE["readback_relevance"]),
-                          "--readback-copy-scale", str(LISTWISE["readback_copy_scale"]), "--readout", "labels",
-                          "--readback-uncentred",
+                          *readback_head, "--readback-uncentred",
                           "--distill-weight", "0", "--steps", "0", "--window", s(LISTWISE["window"], 4),
                           "--min-window", s(LISTWISE["min_window"], 3), eval_queries=60),
     ]
