@@ -98,6 +98,7 @@ def cached_answer(
     computing only what "[" reads: with the read-out layer last in `layers`, the layer before it returns the label
     rows and "[" alone (the other rows only pass on their keys and values), and the read-out layer runs on those rows
     alone (`answer_over_labels`)."""
+    _check_readout(readout_at, layers, band)
     if readout_at is None or readout_at not in layers or readout_at != layers.stop - 1:
         return cached_states(adapter, prefix, windows, layers, band, hidden, readout_at)[:, -1]
     blocks, states = _run_blocks(adapter, prefix, windows, range(layers.start, readout_at), band, hidden,
@@ -124,14 +125,19 @@ def cached_states(
     Training splits a window at a frozen layer this way: the frozen part runs once, the trained part every epoch.
     readout_at: the layer in which the last row reads the label rows only (see `readout_layer`). Padding rows of Q
     come back as zeros."""
-    if readout_at is not None and readout_at in layers and band[0] <= readout_at < band[1]:
-        raise ValueError(f"the read-out layer {readout_at} lies inside the band {band}")
+    _check_readout(readout_at, layers, band)
     blocks, states = _run_blocks(adapter, prefix, windows, layers, band, hidden, readout_at)
     out = states["H"].new_zeros(len(windows), blocks.Tq, states["H"].shape[2])
     for k in "HLT":
         real = blocks.real[k]
         out = out.index_put((blocks.owner[k][:, None].expand_as(real)[real], blocks.index[k][real]), states[k][real])
     return out
+
+
+def _check_readout(readout_at: int | None, layers: range, band: tuple[int, int]) -> None:
+    # A read-out layer reads the label rows alone; inside the band "[" would also have to read the pages.
+    if readout_at is not None and readout_at in layers and band[0] <= readout_at < band[1]:
+        raise ValueError(f"the read-out layer {readout_at} lies inside the band {band}")
 
 
 def _run_blocks(adapter: FamilyAdapter, prefix, windows: list[CachedWindow], layers: range, band: tuple[int, int],

@@ -416,6 +416,10 @@ def test_cached_answer_equals_the_whole_query_states(tiny, images):
         plain = cached_answer(r.adapter, prefix, windows, range(5), (1, 4))  # no read-out layer
     assert torch.allclose(fast, whole, rtol=1e-4, atol=1e-5)
     assert (plain - whole).abs().max() > 1e-3  # the check can fail: the read-out mask matters
+    # A read-out layer inside the band is refused by both paths (the fast one too: the read-out layer last).
+    for run in (cached_states, cached_answer):
+        with pytest.raises(ValueError, match="inside the band"):
+            run(r.adapter, prefix, windows, range(4), (1, 4), readout_at=3)
 
 
 def test_cached_label_with_the_query_equals_its_reference(tiny, images):
