@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench train clean
+.PHONY: install demo lint test bench train clean
 
 $(STAMP): pyproject.toml constraints.txt $(wildcard integrations/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/minirerank demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q  # tests/ and each integration package's tests/ (pyproject testpaths)
 
 bench: $(STAMP)
