@@ -103,22 +103,28 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: tune's, 3e-4)")
     ap.add_argument("--exit", type=int, default=None, help="the student's exit layer (default: tune's)")
     ap.add_argument("--listwise", action="store_true",
-                    help="tune a cached listwise student (tune --listwise, with --readback-init 60) instead")
-    ap.add_argument("--readback-relevance", type=float, default=1.0,
-                    help="--listwise: the read-back head's relevance key (0: the labels evenly)")
-    ap.add_argument("--readout", default="labels", choices=("all", "labels"), help="--listwise: ListwiseConfig.readout")
-    ap.add_argument("--copy-weight", type=float, default=0.0,
-                    help="--listwise: the copy task's weight (it pulls the relevance-keyed head back to even labels)")
+                    help="tune a cached listwise student (tune --listwise, on its defaults but for the flags below)")
+    ap.add_argument("--readback-relevance", type=float, default=None,
+                    help="--listwise: the read-back head's relevance key (default: tune's; 0: the labels evenly)")
+    ap.add_argument("--readback-copy-scale", type=float, default=None,
+                    help="--listwise: the read-back head's copy scale (default: tune's)")
+    ap.add_argument("--readout", default=None, choices=("all", "labels"),
+                    help="--listwise: ListwiseConfig.readout (default: tune's)")
+    ap.add_argument("--copy-weight", type=float, default=None,
+                    help="--listwise: the copy task's weight (default: tune's; it pulls a relevance-keyed head back "
+                         "to even labels)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from minirerank_core.train.tune import tune
 
+    overrides = dict(readback_relevance=args.readback_relevance, readback_copy_scale=args.readback_copy_scale,
+                     readout=args.readout, copy_weight=args.copy_weight)
     pages_dir, queries_file = export_split(args.data, args.out)
     report = tune(args.teacher, ingest([pages_dir], show_progress=False).pages, args.out / "student",
                   queries=read_queries(queries_file), device="cpu", threads=args.threads, steps=args.steps,
-                  **(dict(listwise=True, readback_init=60, readback_relevance=args.readback_relevance,
-                          readout=args.readout, copy_weight=args.copy_weight) if args.listwise else {}),
+                  **(dict(listwise=True, **{k: v for k, v in overrides.items() if v is not None})
+                     if args.listwise else {}),
                   **({"lr": args.lr} if args.lr else {}), **({"exit_layer": args.exit} if args.exit else {}))
     result = compare(args.out / "student", args.teacher, pages_dir, listwise=args.listwise)
     first = result["systems"]["tuned student"]

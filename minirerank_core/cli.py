@@ -292,7 +292,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 "candidates": args.candidates, "lr": args.lr, "label_weight": args.label_weight,
                 "listwise": args.listwise or None, "copy_weight": args.copy_weight, "attn_scale": args.attn_scale,
                 "readback_init": args.readback_init, "readback_relevance": args.readback_relevance,
-                "readout": args.readout}
+                "readback_copy_scale": args.readback_copy_scale, "readout": args.readout}
     result = tune(args.teacher, report.pages, args.out, queries=queries, embedder=args.embedder,
                   device=args.device or "auto", threads=args.threads, quiet=args.quiet or args.json,
                   show_progress=not args.quiet, **{k: v for k, v in settings.items() if v is not None})
@@ -422,16 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--label-weight", type=float, help="weight of the label loss next to distillation (default 0.5)")
     tn.add_argument("--listwise", action="store_true", help="train a cached listwise student (ListwiseReranker, label "
                     "logits after \"[\") on the same pages and teacher scores instead of a point-wise one")
-    tn.add_argument("--copy-weight", type=float, help="--listwise: weight of the copy task (default 1.0)")
+    tn.add_argument("--copy-weight", type=float, help="--listwise: weight of the copy task (default 0: off)")
     tn.add_argument("--attn-scale", type=float, help="--listwise: sharpen the trained layers' attention by this "
                     "factor at the start (default 1.0)")
     tn.add_argument("--readback-init", type=int, metavar="N", help="--listwise: write an analytic read-back head "
                     "into the layer before the exit, fitted on N windows, before training (for a model without copy "
-                    "heads, like the toy; default 0: none)")
-    tn.add_argument("--readback-relevance", type=float, metavar="C", help="--listwise --readback-init: also key the "
-                    "head on each label's own yes/no judgement at this weight (default 0: the labels evenly)")
-    tn.add_argument("--readout", choices=("all", "labels"), help="--listwise: 'labels' makes the layer before the "
-                    "exit a read-out layer where \"[\" attends to the label tokens only (default: all)")
+                    "heads, like the toy; default 60, 0: none)")
+    tn.add_argument("--readback-relevance", type=float, metavar="C", help="--listwise --readback-init: key the head "
+                    "on each label's own yes/no judgement at this weight (default 0.5; 0: the labels evenly)")
+    tn.add_argument("--readback-copy-scale", type=float, metavar="G", help="--listwise --readback-init: a copied "
+                    "label's norm in units of the state at \"[\" (default 20)")
+    tn.add_argument("--readout", choices=("all", "labels"), help="--listwise: 'labels' (default) makes the layer "
+                    "before the exit a read-out layer where \"[\" attends to the label tokens only")
     tn.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, ...")
     tn.add_argument("--threads", type=int, help="torch CPU threads")
     tn.set_defaults(func=cmd_tune)

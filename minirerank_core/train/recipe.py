@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..fileio import write_json
+from .readback import HEAD_COPY_SCALE, HEAD_RELEVANCE
 
 # Arguments of train.data.build for the shipped models' dataset (benchmarks/quality.py rebuilds it from these).
 DATA = dict(seed=0, vocab_size=2048, grid_frac=1.0, grid_px=16, max_pages_per_doc=40)
@@ -35,8 +36,8 @@ TEACHER = ["--groups", "2", "--hard", "3", "--extra-queries", "4", "--warmup", "
 # judgement, "[" reading the label tokens only in that layer (readout "labels"). No gradient steps: training that
 # layer further lowered validation nDCG@5 (docs/DESIGN.md, listwise training). Both listwise models' heads use the
 # same soft relevance key and large copy (the label logits then follow the attention over the labels).
-LISTWISE = dict(steps=0, readback_init=60, readback_relevance=0.5, readback_copy_scale=20.0, freeze_below=7, window=20,
-                min_window=4)
+LISTWISE = dict(steps=0, readback_init=60, readback_relevance=HEAD_RELEVANCE, readback_copy_scale=HEAD_COPY_SCALE,
+                freeze_below=7, window=20, min_window=4)
 # The single-pass model: the student's label tokens trained in the single pass (the relevance loss, no loss at "["),
 # then on from there with the dense teacher's order distilled at the label tokens (RankNet + soft ranking, lr 3e-5),
 # then the read-back head fitted on single-pass windows with the read-out mask and an uncentred key.

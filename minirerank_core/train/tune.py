@@ -59,6 +59,7 @@ from .common import (Logger, autocast, has_checkpoint, lr_at, optimizer_step, pr
                      setup_runtime)
 from .common import load_checkpoint as load_training_state
 from .metrics import ndcg_at
+from .readback import HEAD_COPY_SCALE, HEAD_RELEVANCE
 from .reranker import (PairScorer, distill_loss, label_loss, max_visual_tokens_of, sample_batch, shared_offset_for,
                        trainable_parameters)
 
@@ -89,12 +90,16 @@ class TuneSettings:
     ckpt_every: int = 20
     log_every: int = 10
     # listwise=True: a cached listwise (ZipRerank-style) student instead of the point-wise one (`_train_listwise`)
+    # Its defaults are the setting that measured best on the toy (README, "A listwise student"): the analytic
+    # read-back head the shipped listwise models use, "[" reading the label tokens alone, no copy task (alone it
+    # stays at chance on fresh windows, and it pulls a relevance-keyed head back to even labels).
     listwise: bool = False
-    copy_weight: float = 1.0  # listwise: weight of the copy task next to the ranking loss
+    copy_weight: float = 0.0  # listwise: weight of the copy task next to the ranking loss
     attn_scale: float = 1.0  # listwise: attention sharpening of the trained layers (1: none)
-    readback_init: int = 0  # listwise: fit an analytic read-back head on this many windows first (0: none)
-    readback_relevance: float = 0.0  # listwise: key that head on each label's own judgement at this weight (0: none)
-    readout: str = "all"  # listwise: ListwiseConfig.readout ("labels": "[" reads the label tokens only before the exit)
+    readback_init: int = 60  # listwise: fit an analytic read-back head on this many windows first (0: none)
+    readback_relevance: float = HEAD_RELEVANCE  # listwise: key that head on each label's own judgement (0: evenly)
+    readback_copy_scale: float = HEAD_COPY_SCALE  # listwise: a copied label's norm against the state at "["
+    readout: str = "labels"  # listwise: ListwiseConfig.readout ("labels": "[" reads the label tokens only there)
 
     def check(self) -> TuneSettings:
         check_choice("query_positions", self.query_positions, ("exact", "shared"))
@@ -110,6 +115,8 @@ class TuneSettings:
             raise ConfigError(f"keep_ratio must be > 0, got {self.keep_ratio!r}")
         if not isinstance(self.readback_relevance, (int, float)) or self.readback_relevance < 0:
             raise ConfigError(f"readback_relevance must be a number >= 0, got {self.readback_relevance!r}")
+        if not isinstance(self.readback_copy_scale, (int, float)) or self.readback_copy_scale <= 0:
+            raise ConfigError(f"readback_copy_scale must be a number > 0, got {self.readback_copy_scale!r}")
         if not isinstance(self.copy_weight, (int, float)) or self.copy_weight < 0:
             raise ConfigError(f"copy_weight must be a number >= 0, got {self.copy_weight!r}")
         if not isinstance(self.attn_scale, (int, float)) or self.attn_scale <= 0:
@@ -522,7 +529,7 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
     if opts.listwise:
         manifest["listwise"] = {"copy_weight": opts.copy_weight, "attn_scale": opts.attn_scale,
                                 "readback_init": opts.readback_init, "readback_relevance": opts.readback_relevance,
-                                "readout": opts.readout}
+                                "readback_copy_scale": opts.readback_copy_scale, "readout": opts.readout}
     if (run / "tune.json").exists():
         before = read_json(run / "tune.json", format=RUN_FORMAT)
         changed = sorted(k for k in {*manifest, "listwise"} if before.get(k) != manifest.get(k))
@@ -631,7 +638,8 @@ def tune(teacher: str | os.PathLike[str], pages: Sequence[Page] | str | os.PathL
     if opts.listwise:
         training.update(kind="listwise", frozen_below=cfg.band[1], copy_weight=opts.copy_weight,
                         attn_scale=opts.attn_scale, readback_init=opts.readback_init,
-                        readback_relevance=opts.readback_relevance)
+                        readback_relevance=opts.readback_relevance, readback_copy_scale=opts.readback_copy_scale,
+                        readout=opts.readout)
         write_listwise_settings(out, listwise_settings([lw_config.replace(dtype="auto", device="auto")], lw_template),
                                 embedder=embedder, training=training)
     else:
@@ -715,7 +723,8 @@ def _train_listwise(model, processor, cfg: RerankConfig, opts: TuneSettings, bat
                                                    tuple(cfg.band), cfg.exit_layer - 1, cfg.keep_ratio, imp, page_ids=ids))
             if len(frozen) >= opts.readback_init:
                 break
-        fit = readback_init(scorer, frozen[: opts.readback_init], opts.readback_relevance)
+        fit = readback_init(scorer, frozen[: opts.readback_init], opts.readback_relevance,
+                            copy_scale=opts.readback_copy_scale)
         log(event="readback_init", layer=cfg.exit_layer - 1, windows=len(frozen[: opts.readback_init]),
             probe_labels=round(fit.probe_labels, 3), probe_others=round(fit.probe_others, 3))
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)

@@ -336,16 +336,18 @@ def test_default_embedder_is_the_shipped_one_only_for_its_vision_tower(files):
 def test_listwise_student_through_the_cli(files, tmp_path, capsys):
     """`tune --listwise`: a cached listwise student on the same pages and teacher scores; the layers below the
     band's end stay the teacher's (the page cache is the teacher's), the rest trains; the folder reloads as a
-    ListwiseReranker in the setting it was trained in, and ranks through the CLI."""
+    ListwiseReranker in the setting it was trained in, and ranks through the CLI. The read-back head's key, copy
+    scale and read-out come from tune's defaults (the shipped heads' setting), recorded with the student."""
     from minirerank_core.cli import main
     from minirerank_core.rerankers.listwise import ListwiseReranker
     from minirerank_core.train.listwise import TRAINED_CACHED_LABEL
+    from minirerank_core.train.readback import HEAD_COPY_SCALE, HEAD_RELEVANCE
 
     out = tmp_path / "listwise"
     args = ["tune", "--teacher", str(files["vision_first"]), "--pages", str(files["pdf"]), "--out", str(out),
             "--embedder", str(files["embedder"]), "--exit", "4", "--band", "1", "3", "--keep", "0.5", "--steps", "3",
-            "--holdout", "0.25", "--candidates", "4", "--lr", "1e-3", "--listwise", "--attn-scale", "2", "--readback-init", "4", "--readback-relevance", "1",
-            "--readout", "labels", "--json", "-q"]
+            "--holdout", "0.25", "--candidates", "4", "--lr", "1e-3", "--listwise", "--attn-scale", "2", "--readback-init", "4", "--copy-weight", "1",
+            "--json", "-q"]
     assert main(args) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["kind"] == "listwise" and payload["steps"] == 3
@@ -361,6 +363,9 @@ def test_listwise_student_through_the_cli(files, tmp_path, capsys):
     c = student.config
     assert (c.mode, c.exit_layer, c.band, c.keep_ratio, c.readout) == ("cached", 4, (1, 3), 0.5, "labels")
     assert student.template.cached_label == TRAINED_CACHED_LABEL
+    training = json.loads((out / "minirerank_config.json").read_text())["training"]
+    assert (training["readback_relevance"], training["readback_copy_scale"], training["readout"]) == (
+        HEAD_RELEVANCE, HEAD_COPY_SCALE, "labels")
     a, teacher = load_file(out / "model.safetensors"), load_file(files["vision_first"] / "model.safetensors")
 
     def layer(weights, i, name="self_attn.q_proj.weight"):
